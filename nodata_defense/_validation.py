@@ -25,7 +25,12 @@ def _short(value: Any) -> str:
 
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, requiring a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(float(value))
+        or value <= 0
+    ):
         raise ValueError(f"`{name}` must be a finite number > 0; got {_short(value)}.")
     return float(value)
 

@@ -44,7 +44,9 @@ class SynthesisConfig(_Config):
             raise ValueError("`templates` must hold at least one template")
         for t in templates:
             if t.count("{}") != 1:
-                raise ValueError(f"each template must contain exactly one '{{}}' slot for the class name; got {t!r}")
+                raise ValueError(
+                    f"each template must contain exactly one '{{}}' slot for the class name; got {t!r}"
+                )
         return templates
 
 
@@ -55,7 +57,9 @@ class PersonalizeConfig(_Config):
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float | None = Field(None, gt=0, description="None: equal to the rank (scale 1).")
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    classifier_weight: float = Field(0.01, ge=0.0, description="lambda of MSE(eps) + lambda * CE(f(x0_hat), y).")
+    classifier_weight: float = Field(
+        0.01, ge=0.0, description="lambda of MSE(eps) + lambda * CE(f(x0_hat), y)."
+    )
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     steps: int = Field(500, ge=1)
@@ -83,7 +87,9 @@ class AdaptConfig(_Config):
         None, description="Draw the noise level uniformly from this range; None: the sigma of use."
     )
     lora_rank: int = Field(4, ge=1)
-    lora_target_modules: list[str] | None = Field(None, description="None: every nn.Linear / attention layer.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="None: every nn.Linear / attention layer."
+    )
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
     show_progress: bool = False
