@@ -119,7 +119,8 @@ class DiffusionDenoiser(nn.Module):
             signature and a ``config`` carrying ``in_channels``, ``out_channels``, ``sample_size``).
         alphas_cumprod_or_scheduler: the training noise schedule: a diffusers scheduler or the ᾱ_t
             values themselves.
-        text_encoder, tokenizer: prompt encoder of text-conditioned kinds (transformers models).
+        text_encoder, tokenizer: prompt encoder of text-conditioned kinds (transformers models); the
+            encoder is frozen (``requires_grad_(False)``).
         prompt: prompt used when no ``labels`` select a class prompt; the default ``""`` is the
             class-agnostic mode certification needs.
         class_prompts: optional per-class prompts, selected by ``labels`` (personalization).
@@ -212,6 +213,10 @@ class DiffusionDenoiser(nn.Module):
         self.sample_size: tuple[int, int] | None = sample_size
 
         # Text conditioning. The encoder is frozen by design: embeddings are computed once per prompt.
+        if text_encoder is not None:
+            # Frozen by design: prompt embeddings are constants, so no optimizer over
+            # denoiser.parameters() should ever see the encoder's weights as trainable.
+            text_encoder.requires_grad_(False)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self._prompt_cache: dict[str, Tensor] = {}

@@ -545,3 +545,34 @@ def test_repr_shows_the_hyper_parameters():
         assert part in text
     model = DenoisedClassifier(DiffusionDenoiser(tiny_unet(), cosine()), nn.Identity(), sigma=0.5)
     assert "sigma=0.5" in repr(model) and "timestep=496" in repr(model)
+
+
+def test_lora_on_the_unet_trains_through_predict_epsilon_and_the_text_encoder_stays_frozen():
+    from peft import LoraConfig
+
+    denoiser = DiffusionDenoiser(
+        tiny_if_unet(),
+        cosine(),
+        text_encoder=tiny_t5(),
+        tokenizer=tiny_tokenizer(),
+        class_prompts=["zero", "one"],
+    )
+    denoiser.unet.requires_grad_(False)
+    denoiser.unet.add_adapter(
+        LoraConfig(
+            r=2,
+            lora_alpha=2,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights="gaussian",
+        )
+    )
+    trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    torch.manual_seed(0)
+    x0, eps, t = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16), torch.tensor([100, 700])
+    a = denoiser.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    loss = (denoiser.predict_epsilon(x_t, t, labels=torch.tensor([0, 1])) - eps).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in trainable.values())
+    assert sum(float(p.grad.abs().sum()) for p in trainable.values()) > 0
