@@ -212,10 +212,13 @@ class DiffusionDenoiser(nn.Module):
             sample_size = tuple(int(s) for s in sample_size)
         self.sample_size: tuple[int, int] | None = sample_size
 
-        # Text conditioning. The encoder is frozen by design: embeddings are computed once per prompt.
+        # Text conditioning: embeddings are computed once per prompt and are constants, so the
+        # encoder is frozen and an optimizer over denoiser.parameters() never sees it as trainable.
         if text_encoder is not None:
-            # Frozen by design: prompt embeddings are constants, so no optimizer over
-            # denoiser.parameters() should ever see the encoder's weights as trainable.
+            if not isinstance(text_encoder, nn.Module):
+                raise TypeError(
+                    f"`text_encoder` must be a torch.nn.Module (a transformers model); got {type(text_encoder).__name__}."
+                )
             text_encoder.requires_grad_(False)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
