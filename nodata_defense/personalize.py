@@ -238,6 +238,9 @@ def _inject_lora(
             add_adapter(lora_config, adapter_name=adapter_name)
         else:
             inject_adapter_in_model(lora_config, module, adapter_name)
+    # New wrapper layers are created in train mode; give them their base layer's mode.
+    for _, layer in _adapter_layers(module):
+        layer.train(layer.get_base_layer().training)
     try:
         from peft.tuners.tuners_utils import cast_adapter_dtype
     except ImportError:  # older peft: adapters keep the base dtype
@@ -537,9 +540,9 @@ def personalize(
         }
     )
 
-    unet_modes = [(m, m.training) for m in denoiser.modules()]
     unet_flags = [(p, p.requires_grad) for p in unet.parameters()]
     trainable = _inject_lora(unet, lora_config, adapter_name, config.seed)
+    unet_modes = [(m, m.training) for m in denoiser.modules()]
     try:
         for p in unet.parameters():
             p.requires_grad_(False)
