@@ -342,3 +342,11 @@ def test_base_returning_wrong_shape_or_type():
     with pytest.raises(ValueError, match=r"got shape \(4, 2\)"):
         SmoothedClassifier(model, num_classes=5, sigma=0.25).predict(torch.rand(1, 1, 2, 2), n=4)
     assert model.training  # restored even when the base fails
+
+
+def test_show_progress_writes_a_bar_only_when_asked(capsys):
+    smooth = SmoothedClassifier(_mean_base, num_classes=3, sigma=0.25)
+    smooth.sample_counts(torch.rand(2, 1, 4, 4), 10, batch_size=8)
+    assert capsys.readouterr().err == ""
+    smooth.sample_counts(torch.rand(2, 1, 4, 4), 10, batch_size=8, show_progress=True)
+    assert "20/20" in capsys.readouterr().err
