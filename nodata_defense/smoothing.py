@@ -4,7 +4,7 @@ Given a base classifier ``F`` (images -> logits; its label is the argmax), the *
 classifier is ``g(x) = argmax_c P(F(x + delta) = c)`` with ``delta ~ N(0, sigma^2 I)``, the noise
 being added in the library's ``[0, 1]`` pixel space (see ``docs/conventions.md``) and never clamped.
 
-Guarantees (Cohen et al. 2019, Theorem 1 and Proposition 2), for each image separately:
+Guarantees (Cohen et al. 2019: Proposition 2, built on Theorem 1, and Proposition 1), per image:
 
 * ``certify``: with probability at least ``1 - alpha`` over the noise drawn by the call, if it
   returns a label ``c`` with radius ``R`` (not ``ABSTAIN``), then ``g(x + e) = c`` for every

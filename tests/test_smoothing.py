@@ -162,7 +162,7 @@ def test_certify_soundness_simulation():
         for c, t, r in zip(certs, true_label, true_radius, strict=True)
     ]
     m = len(certs)
-    # Each certification is wrong independently with probability <= alpha (Cohen et al., Thm. 1),
+    # Each certification is wrong independently with probability <= alpha (Cohen et al., Prop. 2),
     # so the count is stochastically below Binomial(m, alpha): exceeding its 1 - 1e-6 quantile
     # has probability <= 1e-6 for a correct implementation (false-failure probability <= 1e-6).
     assert sum(wrong) <= binom.ppf(1 - 1e-6, m, alpha)
