@@ -172,7 +172,7 @@ class RobustifierConfig(_Config):
         "float32", description="Weights dtype of the base denoiser loaded by id (LoRA trains in float32)."
     )
     image_shape: tuple[int, int, int] | None = Field(
-        None, description="(C, H, W) of the images to classify; None: read from the classifier when it can be."
+        None, description="(C, H, W) of the images to classify; None: read from the classifier if it can."
     )
     device: str | None = Field(None, description="None: the classifier's device.")
     work_dir: str | None = None
@@ -260,6 +260,7 @@ class RobustModelConfig(_Config):
     base_classifier: ClassifierSource
     personalized: bool = Field(description="True: denoiser_lora/ holds the personalization LoRA.")
     adaptation_mode: Literal["full", "lora", "head", "none"]
+    adaptation_head_module: str | None = Field(None, description="mode 'head': the trained layer.")
     versions: dict[str, str] = Field(default_factory=dict)
     certified_accuracy: CertifiedAccuracy | None = None
     fit_config: RobustifierConfig | None = Field(None, description="The configuration `fit()` ran with.")
