@@ -119,7 +119,11 @@ def _check_head_reaches_logits(model: nn.Module, head: str, example: Tensor) -> 
     params = list(model.get_submodule(head).parameters())
     with torch.enable_grad():
         logits = _logits(model, example)
-        grads = torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
+        grads = (
+            torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
+            if logits.requires_grad
+            else []
+        )
     if all(g is None for g in grads):
         raise ValueError(
             f"the head layer {head!r} does not influence the classifier's logits (e.g. the text projection of a"
@@ -391,7 +395,12 @@ def load_classifier_adapter(classifier: nn.Module, directory: str | os.PathLike)
                 f"the saved {mode} weights in {str(directory)!r} do not fit this classifier: missing"
                 f" {sorted(expected - set(local))[:3]}, unexpected {sorted(set(local) - expected)[:3]}."
             )
-        target.load_state_dict(local, strict=True)
+        try:
+            target.load_state_dict(local, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"the saved {mode} weights in {str(directory)!r} do not fit this classifier: {error}"
+            ) from error
     elif mode == "lora":
         _load_peft_adapter(model, directory, record.get("adapter_name"))
     return model
