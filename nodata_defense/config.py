@@ -30,11 +30,17 @@ class SynthesisConfig(_Config):
     )
     shots_per_class: int = Field(1, ge=1)
     seed: int = 0
-    guidance_scale: float = Field(7.0, ge=0.0, description="Paper: 7.0 for one shot, 4.0 for more.")
-    num_inference_steps: int = Field(100, ge=1)
-    image_size: int | None = Field(None, ge=1, description="Output side in pixels; None keeps the model's.")
-    batch_size: int = Field(4, ge=1)
-    free_stage_one: bool = Field(False, description="IF only: free stage I before running stage II.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, description="None: the paper's rule, 7.0 for one shot per class and 4.0 for more."
+    )
+    num_inference_steps: int = Field(100, ge=1, description="Sampling steps (IF: of stage I; paper: 100).")
+    image_size: int | None = Field(
+        None, ge=1, description="Resize outputs to this side (shorter side + centre crop); None keeps the model's."
+    )
+    batch_size: int = Field(4, ge=1, description="Images per generator call; memory only where seeds allow.")
+    free_stage_one: bool = Field(
+        False, description="IF only: run stage I for every image, free it (and T5), then run stage II."
+    )
     show_progress: bool = False
 
     @field_validator("templates")
