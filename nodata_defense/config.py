@@ -110,7 +110,7 @@ class AdaptConfig(_Config):
     learning_rate: float = Field(5e-7, gt=0, description="Paper: 5e-7 for full fine-tuning of CLIP ViT-B/32.")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(None, gt=0, description="Gradient clipping; None disables it.")
-    epochs: int = Field(10, ge=1, description="Passes over the references (steps = epochs * ceil(N / batch)).")
+    epochs: int = Field(10, ge=1, description="Passes over the references: steps = epochs * ceil(N / batch).")
     batch_size: int = Field(256, ge=1, description="Capped at the number of reference images.")
     denoise_batch_size: int = Field(
         32, ge=1, description="Chunk size of the (no-grad) denoiser calls; memory only, no effect on results."

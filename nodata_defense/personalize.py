@@ -149,14 +149,18 @@ def _batch_indices(generator: torch.Generator, num: int, batch_size: int) -> Ten
 def _references_digest(images: Tensor, labels: Tensor) -> str:
     digest = hashlib.sha256()
     digest.update(str(tuple(images.shape)).encode())
-    digest.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for start in range(0, images.shape[0], 64):  # chunks: no full copy of a large set in memory
+        digest.update(images[start : start + 64].detach().to("cpu", torch.float32).contiguous().numpy())
     digest.update(labels.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 class _PixelBridge:
     """Moves [0, 1] images of the references' shape to the UNet's images and back, as
-    :meth:`DiffusionDenoiser.forward` does (grayscale to RGB, resize to ``sample_size`` and back)."""
+    :meth:`DiffusionDenoiser.forward` does (grayscale to RGB, resize to ``sample_size`` and back).
+
+    Resizing runs in float32: antialiased bilinear resizing has no fp16/bf16 CPU kernel.
+    """
 
     def __init__(self, denoiser: DiffusionDenoiser, channels: int, size: tuple[int, int], name: str) -> None:
         self.expand = channels == 1 and denoiser.image_channels == 3
@@ -174,12 +178,12 @@ class _PixelBridge:
             x = x.expand(-1, 3, -1, -1)
         if self.resized:
             assert self.unet_size is not None
-            x = _resize(x, self.unet_size)
+            x = _resize(x.float(), self.unet_size).to(x.dtype)
         return x
 
     def back(self, x0: Tensor) -> Tensor:
         if self.resized:
-            x0 = _resize(x0, self.size).clamp(0.0, 1.0)
+            x0 = _resize(x0.float(), self.size).clamp(0.0, 1.0).to(x0.dtype)
         if self.expand:
             x0 = x0.mean(dim=1, keepdim=True)
         return x0

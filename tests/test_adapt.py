@@ -294,3 +294,14 @@ def test_bad_inputs_are_refused_with_clear_errors():
         adapt_classifier(
             clf, den, refs, 0.25, AdaptConfig(mode="lora", lora_target_modules=["nothing"], **FAST)
         )
+
+
+def test_accepts_a_reference_set():
+    synthesis = pytest.importorskip("nodata_defense.synthesis")
+    refs = colour_references()
+    reference_set = synthesis.ReferenceSet(
+        images=refs.images, labels=refs.labels, class_names=["r", "g", "b"], prompts=["p"] * 6
+    )
+    from_set = adapt_classifier(TinyCNN(), tiny_denoiser(), reference_set, 0.25, AdaptConfig(**FAST))
+    from_namespace = adapt_classifier(TinyCNN(), tiny_denoiser(), refs, 0.25, AdaptConfig(**FAST))
+    assert from_set.loss_history == from_namespace.loss_history

@@ -403,3 +403,23 @@ def test_bad_inputs_are_refused_with_clear_errors():
     with pytest.raises(TypeError, match=r"`denoiser` must be a DiffusionDenoiser"):
         personalize(tiny_text_unet(), clf, references(), PersonalizeConfig(**FAST))
     assert not hasattr(den.unet, "peft_config")  # nothing was injected by the refused calls
+
+
+def test_accepts_a_reference_set():
+    synthesis = pytest.importorskip("nodata_defense.synthesis")
+    refs = references()
+    reference_set = synthesis.ReferenceSet(
+        images=refs.images, labels=refs.labels, class_names=["a", "b", "c"], prompts=["p"] * 6
+    )
+    from_set = personalize(text_denoiser(), TinyCNN(), reference_set, PersonalizeConfig(steps=2))
+    from_namespace = personalize(text_denoiser(), TinyCNN(), refs, PersonalizeConfig(steps=2))
+    assert from_set.loss_history == from_namespace.loss_history
+
+
+def test_low_precision_unet_trains_float32_lora_weights():
+    denoiser = DiffusionDenoiser(tiny_text_unet().to(torch.bfloat16), schedule(), prompt_embeds={"": EMBED})
+    result = personalize(denoiser, TinyCNN(), references(), PersonalizeConfig(steps=2, learning_rate=1e-2))
+    dtypes = {n: p.dtype for n, p in denoiser.unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.loss_history)
