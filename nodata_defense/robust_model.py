@@ -36,7 +36,14 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
 from torch import Tensor, nn
 
-from ._hub import HubUnreachableError, bundled_path, hub_errors, library_versions, looks_like_repo_id
+from ._hub import (
+    HubUnreachableError,
+    bundled_path,
+    hub_errors,
+    is_connection_error,
+    library_versions,
+    looks_like_repo_id,
+)
 from ._io import atomic_write_json
 from ._validation import _short, check_class_names, check_images, check_positive_float
 from .classifiers import (
@@ -393,6 +400,9 @@ class RobustModel(
             raise FileNotFoundError(
                 f"no such directory {source!r}, and it is not a Hub repo id ('org/name')."
             )
+        if not os.path.isdir(source) and not local_files_only:
+            # One quick request first: huggingface_hub retries a refused download for ~20 s.
+            local_files_only = _probe_hub(source, revision=revision, token=token, cache_dir=cache_dir)
         with hub_errors(source, "download the robust model"):
             return super().from_pretrained(
                 source,
@@ -613,6 +623,35 @@ def _saved_folder(model_id: str, **hub_options: Any) -> Path:
 
     with hub_errors(model_id, "download the robust model"):
         return Path(snapshot_download(repo_id=model_id, allow_patterns=_SAVED_PATTERNS, **hub_options))
+
+
+def _probe_hub(repo_id: str, *, revision: str | None, token: Any, cache_dir: Any) -> bool:
+    """Check the Hub answers; return True to continue offline (from the cache) when it does not.
+
+    Raises :class:`HubUnreachableError` when the Hub cannot be reached and the cache does not hold
+    the repo. Other answers (missing repo, no access) are left to the download to report.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        HfApi(token=token).repo_info(repo_id, revision=revision, timeout=10)
+    except Exception as error:
+        if not is_connection_error(error):
+            return False
+        try:
+            snapshot_download(
+                repo_id=repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=True,
+                allow_patterns=_SAVED_PATTERNS,
+            )
+        except Exception:
+            raise HubUnreachableError(repo_id, "download the robust model", error) from error
+        return True
+    return False
 
 
 def read_saved_config(folder: str | os.PathLike) -> RobustModelConfig:
