@@ -399,10 +399,21 @@ class ImageGenerator(Protocol):
 
 
 def _local_revision(path: str | os.PathLike) -> str:
-    """A content hash of a local model directory, so the cache notices retrained weights."""
+    """A content hash of a local pipeline directory, so the cache notices retrained weights.
+
+    Only the components (sub-folders) and ``model_index.json`` count: a rewritten README or training
+    log at the top level does not change the images.
+    """
     root = Path(path)
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and (p.parent != root or p.name == "model_index.json")
+    ]
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for file in sorted(files):
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -489,6 +500,7 @@ class DeepFloydIFGenerator:
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < 1000:
             raise ValueError(f"`noise_level` must be an integer in [0, 999]; got {_short(noise_level)}.")
         self.noise_level = noise_level
+        self._stage1_scheduler_description = _scheduler_description(stage1.scheduler)
         _disable_progress(stage1)
         _disable_progress(stage2)
 
@@ -556,11 +568,15 @@ class DeepFloydIFGenerator:
             "stage2_steps": self.stage2_steps,
             "stage2_guidance_scale": self.stage2_guidance_scale,
             "noise_level": self.noise_level,
-            "stage1_scheduler": _scheduler_description(self.stage1.scheduler)
-            if self.stage1 is not None
-            else None,
+            "stage1_scheduler": self._stage1_scheduler(),
             "stage2_scheduler": _scheduler_description(self.stage2.scheduler),
         }
+
+    def _stage1_scheduler(self) -> dict[str, Any]:
+        # Remembered, so a generator whose stage I was freed still finds its cache entries.
+        if self.stage1 is not None:
+            self._stage1_scheduler_description = _scheduler_description(self.stage1.scheduler)
+        return self._stage1_scheduler_description
 
     @torch.no_grad()
     def generate_stage_one(

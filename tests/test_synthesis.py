@@ -390,6 +390,25 @@ def test_pixel_from_pretrained_refuses_an_incomplete_directory(tmp_path):
         PixelDiffusionGenerator.from_pretrained(tmp_path / "absent")
 
 
+def test_local_model_id_is_its_name_and_revision_follows_its_weights(tmp_path, pixel_dir):
+    import shutil
+
+    copy = shutil.copytree(pixel_dir, tmp_path / "moved" / "tiny-t2i")
+    original, moved = (
+        PixelDiffusionGenerator.from_pretrained(pixel_dir),
+        PixelDiffusionGenerator.from_pretrained(copy),
+    )
+    assert (moved.id, moved.revision) == (original.id, original.revision)  # a moved model keeps its cache
+    (copy / "README.md").write_text("retrained? no, just documented")
+    assert PixelDiffusionGenerator.from_pretrained(copy).revision == original.revision
+    config = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
+    (copy / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(config | {"beta_schedule": "linear"})
+    )
+    assert PixelDiffusionGenerator.from_pretrained(copy).revision != original.revision
+    assert PixelDiffusionGenerator.from_pretrained(copy, id="mine").id == "mine"
+
+
 # ------------------------------------------------------------------------- diffusers text-to-image
 def test_stable_diffusion_pipeline_back_end(tmp_path):
     generator = DiffusersText2ImageGenerator(tiny_sd(tmp_path), id="tiny-sd")
@@ -402,6 +421,18 @@ def test_stable_diffusion_pipeline_back_end(tmp_path):
     assert refs.metadata["generator"]["settings"]["pipeline"] == "StableDiffusionPipeline"
     resized = synthesize(CLASSES[:1], generator, config.model_copy(update={"image_size": 10}))
     assert resized.image_shape == (3, 10, 10)
+
+
+# Importing AutoPipelineForText2Image imports every pipeline; one of them calls torch.jit.script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_diffusers_generator_loads_a_saved_pipeline_directory(tmp_path):
+    pipe = tiny_sd(tmp_path)
+    pipe.save_pretrained(tmp_path / "tiny-sd")
+    loaded = DiffusersText2ImageGenerator.from_pretrained(tmp_path / "tiny-sd", safety_checker=None)
+    assert loaded.id == "tiny-sd" and loaded.revision.startswith("sha256:")
+    config = SynthesisConfig(**FAST)
+    direct = synthesize(["cat"], DiffusersText2ImageGenerator(pipe, id="direct"), config)
+    assert torch.equal(synthesize(["cat"], loaded, config).images, direct.images)
 
 
 def test_diffusers_generator_refuses_call_kwargs_it_controls(tmp_path):
@@ -442,17 +473,29 @@ def test_deepfloyd_if_two_stages_share_stage_one_embeddings():
     assert refs.metadata["generator"]["settings"]["stage2_id"] == "tiny-if-II"
 
 
-def test_deepfloyd_if_free_stage_one_gives_the_same_images_and_frees_it():
+def test_deepfloyd_if_free_stage_one_gives_the_same_images_and_frees_it(tmp_path):
     config = SynthesisConfig(shots_per_class=2, **FAST)
     plain = synthesize(["cat", "dog"], tiny_if(), config)
     generator = tiny_if()
-    freed = synthesize(
-        ["cat", "dog"], generator, config.model_copy(update={"free_stage_one": True, "batch_size": 3})
-    )
+    freeing = config.model_copy(update={"free_stage_one": True, "batch_size": 3})
+    freed = synthesize(["cat", "dog"], generator, freeing, cache_dir=tmp_path)
     assert torch.equal(plain.images, freed.images)
     assert generator.stage1 is None and "stage_one_loaded=False" in repr(generator)
+    cached = synthesize(["cat", "dog"], generator, freeing, cache_dir=tmp_path)  # needs no stage I
+    assert cached.metadata["cache"]["hits"] == 4 and torch.equal(cached.images, plain.images)
     with pytest.raises(RuntimeError, match="stage I of this DeepFloydIFGenerator was freed"):
         synthesize(["fish"], generator, config)
+
+
+def test_deepfloyd_if_from_pretrained_loads_stage_two_without_text_encoder(tmp_path):
+    built = tiny_if()
+    built.stage1.save_pretrained(tmp_path / "if-I")
+    built.stage2.save_pretrained(tmp_path / "if-II")
+    loaded = DeepFloydIFGenerator.from_pretrained(tmp_path / "if-I", tmp_path / "if-II", stage2_steps=2)
+    assert loaded.stage2.text_encoder is None and loaded.stage1.safety_checker is None
+    assert (loaded.id, loaded.stage2_id) == ("if-I", "if-II")
+    config = SynthesisConfig(**FAST)
+    assert torch.equal(synthesize(["cat"], loaded, config).images, synthesize(["cat"], built, config).images)
 
 
 # ----------------------------------------------------------------------------------- callable
