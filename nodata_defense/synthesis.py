@@ -71,7 +71,7 @@ class ReferenceSet:
     """Labelled reference images: ``images`` ``(N, C, H, W)`` float in ``[0, 1]``, ``labels`` ``(N,)``.
 
     ``labels[i]`` indexes ``class_names``; ``prompts[i]`` is the text image ``i`` was generated from
-    (for folder images: the first template filled with the class name). ``metadata`` is a JSON-able
+    (for folder images: the loader's template filled with the class name). ``metadata`` is a JSON-able
     dict (generator id, revision, settings, per-image seeds, cache statistics).
     """
 
