@@ -674,6 +674,29 @@ def read_saved_config(folder: str | os.PathLike) -> RobustModelConfig:
     return RobustModelConfig.model_validate(raw)
 
 
+def load_saved_config(
+    model_id_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+) -> RobustModelConfig:
+    """The ``config.json`` of a saved model (local directory or Hub repo), without loading any weights."""
+    source = os.fspath(model_id_or_path)
+    if os.path.isdir(source):
+        return read_saved_config(source)
+    if not looks_like_repo_id(source):
+        raise FileNotFoundError(f"no such directory {source!r}, and it is not a Hub repo id ('org/name').")
+    from huggingface_hub import hf_hub_download
+
+    offline = _probe_hub(source, revision=revision, token=token, cache_dir=cache_dir)
+    with hub_errors(source, "read the config of"):
+        path = hf_hub_download(
+            source, CONFIG_FILE, revision=revision, token=token, cache_dir=cache_dir, local_files_only=offline
+        )
+    return read_saved_config(Path(path).parent)
+
+
 def _check_saved_files(folder: Path, info: RobustModelConfig) -> None:
     from .adapt import CLASSIFIER_ADAPTER_JSON
     from .personalize import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
@@ -890,4 +913,4 @@ def _model_card_text(info: RobustModelConfig, repo_id: str | None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONFIG_FILE", "HubUnreachableError", "RobustModel", "read_saved_config"]
+__all__ = ["CONFIG_FILE", "HubUnreachableError", "RobustModel", "load_saved_config", "read_saved_config"]
