@@ -731,6 +731,7 @@ def _load_base_denoiser(source: DenoiserSource, torch_dtype: torch.dtype | None)
             torch_dtype=dtype,
             prompt=source.prompt if text else "",
             kind=source.kind,
+            keep_text_encoder=False,  # only the recorded prompt is ever used: its embedding is cached
         )
 
 

@@ -207,14 +207,16 @@ class Robustifier:
         source = os.fspath(source)
         path = bundled_path(source) or source
         with hub_errors(source, "load the denoiser"):
+            # The prompt's embedding is cached and the text encoder dropped (IF's T5-XXL: 4.7 B
+            # parameters): the denoiser only ever uses that one prompt.
             denoiser = DiffusionDenoiser.from_pretrained(
                 path,
                 subfolder=config.denoiser_subfolder,
                 revision=config.denoiser_revision,
                 torch_dtype=_DTYPES[config.denoiser_dtype],
+                prompt=config.denoiser_prompt,
+                keep_text_encoder=False,
             )
-        if denoiser.is_text_conditioned and config.denoiser_prompt:
-            denoiser.prompt = config.denoiser_prompt
         denoiser.timestep_for_sigma(config.sigma)
         denoiser = denoiser.to(device)
         recorded = describe_denoiser(
