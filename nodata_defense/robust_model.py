@@ -134,6 +134,8 @@ class RobustModel(
         if len(names) < 2:
             raise ValueError(f"`class_names` must hold at least 2 classes; got {names}.")
         shape = _image_shape(image_shape, denoiser)
+        # One forward pass the first time only: the classifier remembers the count it observed.
+        check_num_classes(self.classifier, len(names), shape)
         if info is None:
             info = RobustModelConfig(
                 sigma=sigma,

@@ -129,6 +129,8 @@ def test_constructor_validates_its_arguments(robust):
         RobustModel(classifier, denoiser, sigma=0.25, class_names=["a", "a", "b"])
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         RobustModel(lambda x: x, denoiser, sigma=0.25, class_names=CLASS_NAMES)
+    with pytest.raises(ValueError, match="returns 3 logits but 4 class names"):
+        RobustModel(TinyCNN(), denoiser, sigma=0.25, class_names=[*CLASS_NAMES, "three"])
 
 
 # -------------------------------------------------------------------------------- save / load
