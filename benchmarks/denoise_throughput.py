@@ -85,46 +85,55 @@ def _build(config: dict, variant: str) -> DiffusionDenoiser:
     return DiffusionDenoiser(unet, DDPMScheduler(beta_schedule="linear"))
 
 
-def _measure(denoiser: DiffusionDenoiser, batch: int, batches: int, channels_last: bool) -> dict:
-    """Times each batch on its own: the best batch is the machine's speed when other processes leave
-    it alone, the median what a run on the shared machine got."""
-    x = torch.rand(batch, 3, 32, 32) + 0.25 * torch.randn(batch, 3, 32, 32)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    times = []
+def _timed(denoiser: DiffusionDenoiser, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    denoiser(x, 0.25)
+    return time.perf_counter() - start
+
+
+def _measure_model(name: str, config: dict, batch: int, batches: int) -> list[dict]:
+    """Rounds interleave the variants (one batch each per round), so a burst of load from another
+    process hits them alike; each batch is timed on its own. The best batch is the machine's speed
+    when left alone, the median what a run on the shared machine got."""
+    params = sum(p.numel() for p in UNet2DModel(**config).parameters())
+    rows: dict[str, dict] = {}
+    live: dict[str, tuple[DiffusionDenoiser, torch.Tensor]] = {}
+    times: dict[str, list[float]] = {}
     with torch.inference_mode():
-        start = time.perf_counter()
-        denoiser(x, 0.25)  # warm-up; for torch.compile this is the compilation
-        first = time.perf_counter() - start
+        for variant in VARIANTS:
+            rows[variant] = {"model": name, "parameters": params, "variant": variant, "batch_size": batch}
+            x = torch.rand(batch, 3, 32, 32) + 0.25 * torch.randn(batch, 3, 32, 32)
+            if variant == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                denoiser = _build(config, variant)
+                # Warm-up; for torch.compile this call is the compilation.
+                rows[variant]["first_call_s"] = round(_timed(denoiser, x), 2)
+            except Exception as exc:  # a compile failure is a result on this machine, not a crash
+                rows[variant]["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                continue
+            live[variant], times[variant] = (denoiser, x), []
         for _ in range(batches):
-            start = time.perf_counter()
-            denoiser(x, 0.25)
-            times.append(time.perf_counter() - start)
-    best, median = min(times), statistics.median(times)
-    return {
-        "batch_size": batch,
-        "timed_batches": batches,
-        "images_per_s_best": round(batch / best, 2),
-        "images_per_s_median": round(batch / median, 2),
-        "ms_per_image_best": round(1000 * best / batch, 3),
-        "first_call_s": round(first, 2),
-    }
+            for variant, (denoiser, x) in live.items():
+                times[variant].append(_timed(denoiser, x))
+    for variant, ts in times.items():
+        best, median = min(ts), statistics.median(ts)
+        rows[variant].update(
+            timed_batches=batches,
+            images_per_s_best=round(batch / best, 2),
+            images_per_s_median=round(batch / median, 2),
+            ms_per_image_best=round(1000 * best / batch, 3),
+        )
+    for row in rows.values():
+        print(row, flush=True)
+    return list(rows.values())
 
 
 def run(batches: int) -> dict:
     load_before = [round(v, 2) for v in os.getloadavg()]
     results = []
     for name, (config, batch) in MODELS.items():
-        params = sum(p.numel() for p in UNet2DModel(**config).parameters())
-        for variant in VARIANTS:
-            row = {"model": name, "parameters": params, "variant": variant}
-            try:
-                denoiser = _build(config, variant)
-                row.update(_measure(denoiser, batch, batches, variant == "channels_last"))
-            except Exception as exc:  # a compile failure is a result on this machine, not a crash
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            print(row, flush=True)
-            results.append(row)
+        results += _measure_model(name, config, batch, batches)
     return {
         "command": COMMAND,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -169,7 +178,8 @@ def _section(report: dict) -> str:
     lines += [
         "",
         'Each batch is timed on its own after one warm-up call ("first call", which includes compilation'
-        " for torch.compile; inductor's on-disk cache makes a repeated run compile faster). Certifying one"
+        " for torch.compile; inductor's on-disk cache makes a repeated run compile faster); the variants"
+        " take turns batch by batch so that load from other processes hits them alike. Certifying one"
         " image with N = 10,000 noise draws costs N / (images/s) seconds of denoising alone.",
         "",
         f"Reproduce: `{report['command']}` (writes `benchmarks/results/denoise_throughput.json`"
@@ -193,7 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batches", type=int, default=4, help="timed batches per configuration")
+    parser.add_argument("--batches", type=int, default=5, help="timed batches per configuration")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/denoise_throughput.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/performance.md")
