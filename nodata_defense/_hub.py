@@ -102,6 +102,47 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
         raise
 
 
+def hub_answers(
+    repo_id: str, *, revision: str | None = None, token: str | bool | None = None
+) -> BaseException | None:
+    """One quick request to the Hub about ``repo_id``: ``None`` when it answered (whatever the
+    answer: a missing or gated repo is for the real loader to report), else the network error.
+
+    huggingface_hub retries a refused download for ~20 s per file and diffusers then reports a
+    missing file; this check lets callers fail at once with a clear error instead.
+    """
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        HfApi(token=token).repo_info(repo_id, revision=revision, timeout=10)
+    except Exception as error:
+        if is_connection_error(error):
+            return error
+    return None
+
+
+def is_cached(repo_id: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the Hugging Face cache holds a snapshot of the model repo ``repo_id``."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    snapshots = root / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def ensure_reachable(repo_id: str, action: str, *, revision: str | None = None) -> None:
+    """Raise :class:`HubUnreachableError` at once when ``repo_id`` is a Hub id, the Hub does not
+    answer and the cache holds no copy of it (with a cached copy the loaders fall back to it)."""
+    if not looks_like_repo_id(repo_id):
+        return
+    error = hub_answers(repo_id, revision=revision)
+    if error is not None and not is_cached(repo_id):
+        raise HubUnreachableError(repo_id, action, error) from error
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a saved model depends on (recorded in its config.json)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -39,8 +39,9 @@ from torch import Tensor, nn
 from ._hub import (
     HubUnreachableError,
     bundled_path,
+    ensure_reachable,
+    hub_answers,
     hub_errors,
-    is_connection_error,
     library_versions,
     looks_like_repo_id,
 )
@@ -633,27 +634,24 @@ def _probe_hub(repo_id: str, *, revision: str | None, token: Any, cache_dir: Any
     Raises :class:`HubUnreachableError` when the Hub cannot be reached and the cache does not hold
     the repo. Other answers (missing repo, no access) are left to the download to report.
     """
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     if constants.HF_HUB_OFFLINE:
         return True
+    error = hub_answers(repo_id, revision=revision, token=token)
+    if error is None:
+        return False
     try:
-        HfApi(token=token).repo_info(repo_id, revision=revision, timeout=10)
-    except Exception as error:
-        if not is_connection_error(error):
-            return False
-        try:
-            snapshot_download(
-                repo_id=repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=True,
-                allow_patterns=_SAVED_PATTERNS,
-            )
-        except Exception:
-            raise HubUnreachableError(repo_id, "download the robust model", error) from error
-        return True
-    return False
+        snapshot_download(
+            repo_id=repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=True,
+            allow_patterns=_SAVED_PATTERNS,
+        )
+    except Exception:
+        raise HubUnreachableError(repo_id, "download the robust model", error) from error
+    return True
 
 
 def read_saved_config(folder: str | os.PathLike) -> RobustModelConfig:
@@ -725,6 +723,8 @@ def _load_base_denoiser(source: DenoiserSource, torch_dtype: torch.dtype | None)
     path = bundled_path(source.id) or source.id
     dtype = torch_dtype if torch_dtype is not None else _DTYPES[source.dtype]
     text = source.kind in ("text", "if_superres")
+    if bundled_path(source.id) is None:
+        ensure_reachable(source.id, "load the base denoiser", revision=source.revision)
     with hub_errors(source.id, "load the base denoiser"):
         return DiffusionDenoiser.from_pretrained(
             path,
@@ -769,6 +769,7 @@ def _base_classifier(info: RobustModelConfig, given: nn.Module | None, model_id:
     if source.kind == "transformers":
         from transformers import AutoModelForImageClassification
 
+        ensure_reachable(source.id, "load the classifier", revision=source.revision)
         with hub_errors(source.id, "load the classifier"):
             model = AutoModelForImageClassification.from_pretrained(
                 source.id, revision=source.revision, use_safetensors=True
@@ -777,6 +778,7 @@ def _base_classifier(info: RobustModelConfig, given: nn.Module | None, model_id:
     if source.kind == "clip_zero_shot":
         from transformers import AutoModel, AutoTokenizer
 
+        ensure_reachable(source.id, "load the classifier", revision=source.revision)
         with hub_errors(source.id, "load the classifier"):
             model = AutoModel.from_pretrained(source.id, revision=source.revision, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(source.id, revision=source.revision)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._hub import bundled_path, hub_errors, library_versions, looks_like_repo_id
+from ._hub import bundled_path, ensure_reachable, hub_errors, library_versions, looks_like_repo_id
 from ._validation import check_class_names, check_positive_float
 from .classifiers import ImageClassifier, ZeroShotClassifier, as_image_classifier, check_num_classes
 from .config import (
@@ -205,7 +205,10 @@ class Robustifier:
         if source is None:
             source = BUNDLED_T2I_ID if self._digits_defaults() else PAPER_DENOISER
         source = os.fspath(source)
-        path = bundled_path(source) or source
+        path = bundled_path(source)
+        if path is None:
+            ensure_reachable(source, "load the denoiser", revision=config.denoiser_revision)
+        path = path or source
         with hub_errors(source, "load the denoiser"):
             # The prompt's embedding is cached and the text encoder dropped (IF's T5-XXL: 4.7 B
             # parameters): the denoiser only ever uses that one prompt.
@@ -365,6 +368,7 @@ def load_generator(source: str | os.PathLike, *, device: torch.device | str | No
             f"`generator` {text!r} is neither a local directory nor a Hub id ('org/name')."
         )
     half = {"torch_dtype": torch.float16, "variant": "fp16"} if on_gpu else {}
+    ensure_reachable(text, "load the generator")
     with hub_errors(text, "load the generator"):
         if text.startswith("DeepFloyd/IF-I"):
             # 16 GB GPUs: each IF stage moves to the GPU only while it runs.

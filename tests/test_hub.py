@@ -137,14 +137,26 @@ def test_unreachable_hub_gives_a_clear_error_naming_repo_and_endpoint(robust, de
     assert time.monotonic() - started < 30  # refused connections fail fast; no retry loop
 
 
-def test_paper_default_models_need_the_hub_and_say_so(dead_endpoint):
-    from nodata_defense import as_image_classifier
+def test_paper_default_models_need_the_hub_and_say_so(dead_endpoint, monkeypatch, tmp_path):
+    from huggingface_hub import constants
 
+    from nodata_defense import as_image_classifier
+    from nodata_defense.synthesis import CallableGenerator
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     rgb = as_image_classifier(TinyCNN(channels=3))  # 3-channel images: the paper's IF models are the default
+    started = time.monotonic()
     with pytest.raises(
         HubUnreachableError, match=rf"'DeepFloyd/IF-I-XL-v1.0'.*{dead_endpoint} is unreachable"
     ):
         Robustifier(rgb, CLASS_NAMES).fit()
+    noise = CallableGenerator(lambda prompts, g: torch.rand(len(prompts), 3, 16, 16, generator=g), id="noise")
+    fast = {"synthesis": {"num_inference_steps": 1}}
+    with pytest.raises(
+        HubUnreachableError, match=rf"load the denoiser 'DeepFloyd/IF-II-L-v1.0'.*{dead_endpoint}"
+    ):
+        Robustifier(rgb, CLASS_NAMES, generator=noise, config=fast).fit()
+    assert time.monotonic() - started < 30  # one refused request each, no retry loop
 
 
 def test_a_cached_model_still_loads_when_the_hub_goes_away(robust, monkeypatch, tmp_path):
