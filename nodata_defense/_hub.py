@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import BUNDLED_CLASSIFIER_ID, BUNDLED_T2I_ID
+from .config import BUNDLED_CLASSIFIER_ID, BUNDLED_DENOISER_ID, BUNDLED_T2I_ID
 
 # What a hub id looks like ("name" or "org/name"); anything else is a local path.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -54,6 +54,10 @@ def bundled_path(model_id: str | None) -> Path | None:
         from .zoo import digit_t2i_path
 
         return digit_t2i_path()
+    if model_id == BUNDLED_DENOISER_ID:
+        from .zoo import digit_denoiser_path
+
+        return digit_denoiser_path()
     if model_id == BUNDLED_CLASSIFIER_ID:
         from .zoo.models import DIGIT_CNN_DIR
 

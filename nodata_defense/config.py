@@ -153,14 +153,15 @@ PAPER_DENOISER = "DeepFloyd/IF-II-L-v1.0"
 # The bundled offline demo models (nodata_defense.zoo), addressed by these ids in saved models.
 BUNDLED_CLASSIFIER_ID = "nodata-defense/digits-cnn"
 BUNDLED_T2I_ID = "nodata-defense/digits-t2i"
+BUNDLED_DENOISER_ID = "nodata-defense/digits-denoiser"
 
 
 class RobustifierConfig(_Config):
     """Everything ``Robustifier.fit()`` does, in one validated object (paper defaults).
 
     ``generator`` / ``denoiser`` name the models used when ``Robustifier`` gets no model object:
-    ``None`` means the paper's DeepFloyd IF models, or the bundled digits model for ``1×28×28``
-    images. ``work_dir`` holds the reference cache and the training checkpoints (a re-run resumes);
+    ``None`` means the paper's DeepFloyd IF models, or for ``1×28×28`` images the bundled digits
+    text-to-image model and digits denoiser. ``work_dir`` holds the reference cache and the training checkpoints (a re-run resumes);
     ``None`` uses a temporary directory removed after ``fit``.
     """
 

@@ -56,6 +56,7 @@ from .classifiers import (
 )
 from .config import (
     BUNDLED_CLASSIFIER_ID,
+    BUNDLED_DENOISER_ID,
     BUNDLED_T2I_ID,
     FORMAT_VERSION,
     CertifiedAccuracy,
@@ -521,10 +522,10 @@ def describe_denoiser(
         recorded = getattr(denoiser.unet.config, "_name_or_path", None)
         source = recorded if isinstance(recorded, str) and recorded else None
     if source is not None and os.path.exists(source):
-        from .zoo.models import DIGIT_T2I_DIR
+        from .zoo.models import DIGIT_T2I_DIR, WEIGHTS_DIR
 
-        if Path(source).resolve() == DIGIT_T2I_DIR.resolve():
-            source = BUNDLED_T2I_ID
+        bundled = {DIGIT_T2I_DIR: BUNDLED_T2I_ID, WEIGHTS_DIR / "digits-denoiser": BUNDLED_DENOISER_ID}
+        source = next((i for d, i in bundled.items() if Path(source).resolve() == d.resolve()), source)
     dtype = {v: k for k, v in _DTYPES.items()}.get(denoiser.dtype, "float32")
     return DenoiserSource(
         id=source,

@@ -23,6 +23,7 @@ from ._hub import bundled_path, ensure_reachable, hub_errors, library_versions, 
 from ._validation import check_class_names, check_positive_float
 from .classifiers import ImageClassifier, ZeroShotClassifier, as_image_classifier, check_num_classes
 from .config import (
+    BUNDLED_DENOISER_ID,
     BUNDLED_T2I_ID,
     PAPER_DENOISER,
     PAPER_GENERATOR,
@@ -34,7 +35,7 @@ from .config import (
 from .denoiser import DiffusionDenoiser
 from .robust_model import RobustModel, describe_classifier, describe_denoiser, has_denoiser_lora
 
-# Images of this shape get the bundled digits text-to-image model as generator and denoiser.
+# Images of this shape get the bundled digits text-to-image model and digits denoiser.
 DIGITS_SHAPE = (1, 28, 28)
 # The paper's working resolution (DeepFloyd IF stage II output, IF-II-L denoiser input).
 PAPER_RESOLUTION = 256
@@ -180,13 +181,16 @@ class Robustifier:
         )
 
     # ------------------------------------------------------------------------------- model loading
-    def _digits_defaults(self) -> bool:
-        return tuple(self.image_shape) == DIGITS_SHAPE
+    def default_models(self) -> tuple[str, str]:
+        """(generator id, denoiser id) used when neither an object nor a config id is given."""
+        if tuple(self.image_shape) == DIGITS_SHAPE:
+            return BUNDLED_T2I_ID, BUNDLED_DENOISER_ID
+        return PAPER_GENERATOR, PAPER_DENOISER
 
     def _generator(self, device: torch.device) -> Any:
         source = self.generator if self.generator is not None else self.config.generator
         if source is None:
-            source = BUNDLED_T2I_ID if self._digits_defaults() else PAPER_GENERATOR
+            source = self.default_models()[0]
         if not isinstance(source, (str, os.PathLike)):
             return source
         return load_generator(source, device=device)
@@ -203,7 +207,7 @@ class Robustifier:
             return denoiser, describe_denoiser(denoiser)
         source = self.denoiser if self.denoiser is not None else config.denoiser
         if source is None:
-            source = BUNDLED_T2I_ID if self._digits_defaults() else PAPER_DENOISER
+            source = self.default_models()[1]
         source = os.fspath(source)
         path = bundled_path(source)
         if path is None:

@@ -285,23 +285,32 @@ def test_defaults_pick_the_bundled_digits_model_or_the_paper_models(monkeypatch)
         with pytest.raises(RuntimeError, match="stop after choosing"):
             Robustifier(model, CLASS_NAMES).fit()
     assert asked == ["nodata-defense/digits-t2i", "DeepFloyd/IF-I-XL-v1.0"]
+    assert Robustifier(DigitCNN(num_classes=3), CLASS_NAMES).default_models() == (
+        "nodata-defense/digits-t2i",
+        "nodata-defense/digits-denoiser",
+    )
+    grey = as_image_classifier(TinyCNN(channels=1))
+    assert Robustifier(grey, CLASS_NAMES, config={"image_shape": (1, 32, 32)}).default_models() == (
+        "DeepFloyd/IF-I-XL-v1.0",
+        "DeepFloyd/IF-II-L-v1.0",
+    )
 
 
 @pytest.mark.slow
 def test_bundled_digits_models_are_the_defaults_end_to_end():
     """The offline demo path: bundled classifier, generator and denoiser, no argument but the names."""
     from nodata_defense.zoo import DIGIT_CLASS_NAMES, load_digit_classifier, load_digits
-    from nodata_defense.zoo.models import DIGIT_T2I_DIR
+    from nodata_defense.zoo.models import DIGIT_T2I_DIR, WEIGHTS_DIR
 
-    if not DIGIT_T2I_DIR.is_dir():
-        pytest.skip("the bundled digits text-to-image model is not in this checkout")
+    if not (DIGIT_T2I_DIR.is_dir() and (WEIGHTS_DIR / "digits-denoiser").is_dir()):
+        pytest.skip("the bundled digits text-to-image model or denoiser is not in this checkout")
     config = {
         "synthesis": {"num_inference_steps": 10},
         "personalize": {"steps": 5, "batch_size": 10},
         "adapt": {"mode": "head", "epochs": 1, "learning_rate": 1e-4},
     }
     robust = Robustifier(load_digit_classifier(), DIGIT_CLASS_NAMES, config=config).fit()
-    assert robust.config.base_denoiser.id == "nodata-defense/digits-t2i"
+    assert robust.config.base_denoiser.id == "nodata-defense/digits-denoiser"
     assert robust.config.base_classifier.kind == "bundled"
     test = load_digits("test")
     certificates = robust.certify(test.images[:4], n0=10, n=50, generator=0)
