@@ -91,9 +91,10 @@ def check_images(x: Any, name: str = "x", *, channels: int | None = None) -> Ten
         raise ValueError(f"`{name}` must hold at least one image; got shape {tuple(x.shape)}.")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"`{name}` must have {channels} channel(s); got shape {tuple(x.shape)}.")
-    if not bool(torch.isfinite(x).all()):
+    values = x.detach()  # reading values must not touch the autograd graph of an attacked input
+    if not bool(torch.isfinite(values).all()):
         raise ValueError(f"`{name}` contains NaN or infinite pixel values.")
-    low, high = float(x.min()), float(x.max())
+    low, high = float(values.min()), float(values.max())
     if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
         raise ValueError(
             f"`{name}` must hold pixel values in [0, 1]; got values in [{low:.4g}, {high:.4g}]."

@@ -53,3 +53,10 @@ def test_check_class_names():
         check_class_names("class_names", ["a", "b", "a"])
     with pytest.raises(TypeError, match=r"`class_names` must be a sequence of strings"):
         check_class_names("class_names", "abc")
+
+
+def test_check_images_keeps_gradients_and_does_not_warn():
+    x = torch.rand(1, 1, 3, 3, requires_grad=True)
+    out = check_images(x)
+    out.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.ones_like(x))
