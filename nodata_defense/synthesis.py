@@ -962,6 +962,10 @@ class PixelDiffusionGenerator:
             step_kwargs["generator"] = generators
         if "eta" in step_params:
             step_kwargs["eta"] = self.eta
+        if "use_clipped_model_output" in step_params:
+            # With clip_sample, re-derive ε from the clipped x̂0: raw ε from an early, very noisy step
+            # would otherwise carry the out-of-range prediction into the next sample.
+            step_kwargs["use_clipped_model_output"] = True
 
         was_training = unet.training
         unet.eval()
