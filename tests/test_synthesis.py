@@ -590,6 +590,60 @@ def test_cache_resumes_after_a_crash_mid_run(tmp_path, pixel):
     assert torch.equal(refs.images, synthesize(CLASSES, pixel, config).images)
 
 
+KILLED_RUN = """
+import os, time, torch
+from nodata_defense.config import SynthesisConfig
+from nodata_defense.synthesis import CallableGenerator, synthesize
+
+MARKER = os.environ.get("SYNTHESIS_TEST_MARKER")
+
+def draw(prompts, generator):
+    images = os.path.join(os.environ.get("SYNTHESIS_TEST_CACHE", ""), "images")
+    if MARKER and os.path.isdir(images) and len(os.listdir(images)) >= 2:
+        open(MARKER, "w").close()  # two classes are on disk: wait here to be killed
+        time.sleep(600)
+    return torch.rand(len(prompts), 3, 4, 4, generator=generator)
+
+generator = CallableGenerator(draw, id="killed", batched=False)
+config = SynthesisConfig(shots_per_class=2, num_inference_steps=2, batch_size=2)
+if __name__ == "__main__":
+    synthesize(["cat", "dog", "bird"], generator, config, cache_dir=os.environ["SYNTHESIS_TEST_CACHE"])
+"""
+
+
+def test_cache_resumes_after_the_process_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, cache, marker = tmp_path / "run.py", tmp_path / "cache", tmp_path / "waiting"
+    script.write_text(KILLED_RUN)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "SYNTHESIS_TEST_CACHE": str(cache),
+        "SYNTHESIS_TEST_MARKER": str(marker),
+    }
+    child = subprocess.Popen([sys.executable, str(script)], env=env)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the child never reached its third batch"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert len(manifest(cache)) == 4 and not list(cache.rglob("*.tmp"))
+    namespace: dict = {}
+    exec(compile(KILLED_RUN, "run.py", "exec"), namespace)  # the same generator, without the kill
+    resumed = synthesize(CLASSES, namespace["generator"], namespace["config"], cache_dir=cache)
+    assert resumed.metadata["cache"]["hits"] == 4 and resumed.metadata["cache"]["generated"] == 2
+    fresh = synthesize(CLASSES, namespace["generator"], namespace["config"])
+    assert torch.equal(resumed.images, fresh.images)
+
+
 def test_cache_changed_settings_invalidate_only_affected_entries(tmp_path):
     base = SynthesisConfig(shots_per_class=2, guidance_scale=5.0, **FAST)
     generator = CountingGenerator()
