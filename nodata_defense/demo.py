@@ -46,7 +46,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -311,7 +311,7 @@ def markdown_table(
 
 
 # ------------------------------------------------------------------------------------- test data
-def test_order(seed: int = TEST_ORDER_SEED) -> np.ndarray:
+def stratified_order(seed: int = TEST_ORDER_SEED) -> np.ndarray:
     """Indices into the ``"test"`` split, stratified: class 0, 1, ..., 9, then class 0 again, ...
 
     Each class's images are shuffled with ``seed`` and the classes are interleaved, so any prefix
@@ -713,7 +713,7 @@ def run_demo(config: DemoConfig | Mapping[str, Any] | None = None) -> DemoResult
     context = DemoContext.create(config)
     seconds = context.seconds
     test = load_digits("test")
-    order = test_order()[: config.n_test]
+    order = stratified_order()[: config.n_test]
     images, labels = test.images[order], test.labels[order]
     size = chunk_size(config)
     records: list[CertificateRecord] = []
@@ -855,10 +855,14 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``nodata-defense demo [options]``: run the demo, print the table and where the outputs are."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = _parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValidationError as error:
+        parser.error("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors()))
     result = run_demo(config)
     print()
     print(
