@@ -603,7 +603,7 @@ def plot_curves(
         ) from error
 
     # A bare Figure (no pyplot) leaves the user's matplotlib backend and state alone.
-    figure = Figure(figsize=(4.2 * len(sigmas), 3.6), layout="constrained")
+    figure = Figure(figsize=(max(6.0, 4.0 * len(sigmas)), 4.2), layout="constrained")
     axes = figure.subplots(1, len(sigmas), sharey=True, squeeze=False)[0]
     markers = {"gaussian": "o", "denoiser": "s", "personalized": "^", "full_method": "D", "full_data": "x"}
     styles = {"full_data": "--"}
@@ -624,7 +624,18 @@ def plot_curves(
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("certified accuracy (%)")
-    axes[-1].legend(fontsize=7, loc="upper right")
+    legend: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        figure.legend(
+            list(legend.values()),
+            list(legend),
+            loc="outside lower center",
+            ncols=min(3, len(legend)),
+            fontsize=8,
+        )
     if title:
         figure.suptitle(title, fontsize=9)
     buffer = io.BytesIO()
@@ -778,7 +789,8 @@ def run_demo(config: DemoConfig | Mapping[str, Any] | None = None) -> DemoResult
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def argument_parser() -> argparse.ArgumentParser:
+    """The demo's command-line options (``benchmarks/quality.py`` extends them)."""
     d = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="nodata-defense demo",
@@ -855,7 +867,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``nodata-defense demo [options]``: run the demo, print the table and where the outputs are."""
-    parser = _parser()
+    parser = argument_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
