@@ -69,11 +69,13 @@ def check_class_names(name: str, class_names: Any) -> list[str]:
     return names
 
 
-def check_images(x: Any, name: str = "x", *, channels: int | None = None) -> Tensor:
+def check_images(x: Any, name: str = "x", *, channels: int | None = None, unit_range: bool = True) -> Tensor:
     """Check the library's one image convention: a float tensor NCHW with values in [0, 1].
 
     Values within ``IMAGE_RANGE_TOLERANCE`` of the range are clamped into it; anything further
     out raises, because it almost always means normalized or 0..255 images were passed.
+    ``unit_range=False`` leaves out the range test (and the clamping), for noisy images, which
+    legitimately leave [0, 1].
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of images (N, C, H, W); got {type(x).__name__}.")
@@ -83,6 +85,8 @@ def check_images(x: Any, name: str = "x", *, channels: int | None = None) -> Ten
             + (" Add a batch dimension with x.unsqueeze(0)." if x.dim() == 3 else "")
         )
     if not torch.is_floating_point(x):
+        if not unit_range:
+            raise TypeError(f"`{name}` must be a floating-point tensor; got dtype {x.dtype}.")
         raise TypeError(
             f"`{name}` must be a floating-point tensor with values in [0, 1]; got dtype {x.dtype}."
             " Convert with x.float() / 255 for 8-bit images."
@@ -93,7 +97,9 @@ def check_images(x: Any, name: str = "x", *, channels: int | None = None) -> Ten
         raise ValueError(f"`{name}` must have {channels} channel(s); got shape {tuple(x.shape)}.")
     values = x.detach()  # reading values must not touch the autograd graph of an attacked input
     if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"`{name}` contains NaN or infinite pixel values.")
+        raise ValueError(f"`{name}` contains NaN or infinite {'pixel ' if unit_range else ''}values.")
+    if not unit_range:
+        return x
     low, high = float(values.min()), float(values.max())
     if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
         raise ValueError(

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from ._io import atomic_save_safetensors, atomic_write_json
 from ._training import LoopSettings, fingerprint, train_loop
-from ._validation import check_positive_float
+from ._validation import _short, check_positive_float
 from .config import AdaptConfig
-from .denoiser import DiffusionDenoiser
+from .denoiser import DiffusionDenoiser, _PixelBridge
 from .personalize import (
     _adapter_parameters,
     _as_config,
@@ -48,10 +48,9 @@ from .personalize import (
     _lora_config_dict,
     _make_lora_config,
     _num_classes,
-    _PixelBridge,
     _references_digest,
     _save_peft_adapter,
-    _short,
+    _StepResult,
 )
 
 MODES = ("full", "lora", "head", "none")
@@ -62,7 +61,7 @@ _FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, repr=False)
-class AdaptationResult:
+class AdaptationResult(_StepResult):
     """Outcome of :func:`adapt_classifier`; ``classifier`` is a new module (the input is untouched)."""
 
     classifier: nn.Module
@@ -75,10 +74,6 @@ class AdaptationResult:
     lora_config: dict[str, Any] | None = None
     loss_history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int = 0
-
-    @property
-    def final_loss(self) -> float:
-        return self.loss_history[-1]["loss"] if self.loss_history else float("nan")
 
     def __repr__(self) -> str:
         c = self.config

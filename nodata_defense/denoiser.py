@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_positive_float
+from ._validation import _short, check_images, check_positive_float
 
 DenoiserKind = Literal["unconditional", "class_conditional", "text", "if_superres"]
 KINDS: tuple[str, ...] = get_args(DenoiserKind)
@@ -44,29 +44,6 @@ _T5_MODEL_TYPES = ("t5", "mt5", "umt5")
 # Tokenizers without a real limit report a huge model_max_length (transformers' VERY_LARGE_INTEGER).
 _UNBOUNDED_LENGTH = 100_000
 _ENCODE_CHUNK = 16
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_noisy_images(x: Any, name: str) -> Tensor:
-    """Rank/dtype/finiteness check for noisy images, which legitimately leave [0, 1]."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor of images (N, C, H, W); got {type(x).__name__}.")
-    if x.dim() != 4:
-        raise ValueError(
-            f"`{name}` must have 4 dimensions (N, C, H, W); got shape {tuple(x.shape)}."
-            + (" Add a batch dimension with x.unsqueeze(0)." if x.dim() == 3 else "")
-        )
-    if not torch.is_floating_point(x):
-        raise TypeError(f"`{name}` must be a floating-point tensor; got dtype {x.dtype}.")
-    if x.shape[0] == 0:
-        raise ValueError(f"`{name}` must hold at least one image; got shape {tuple(x.shape)}.")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"`{name}` contains NaN or infinite values.")
-    return x
 
 
 def _alphas_from(source: Any) -> Tensor:
@@ -102,13 +79,15 @@ def _config_get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
-def _module_dtype_device(module: nn.Module, fallback: Tensor) -> tuple[torch.dtype, torch.device]:
-    for p in module.parameters():
-        return p.dtype, p.device
-    for b in module.buffers():
-        if torch.is_floating_point(b):
-            return b.dtype, b.device
-    return torch.get_default_dtype(), fallback.device
+def _module_device_dtype(module: Any) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and dtype of the first parameter (else floating buffer); ``None`` where there is none."""
+    if isinstance(module, nn.Module):
+        for tensor in module.parameters():
+            return tensor.device, tensor.dtype
+        for tensor in module.buffers():
+            if torch.is_floating_point(tensor):
+                return tensor.device, tensor.dtype
+    return None, None
 
 
 class DiffusionDenoiser(nn.Module):
@@ -287,11 +266,13 @@ class DiffusionDenoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return _module_dtype_device(self.unet, self.alphas_cumprod)[0]
+        dtype = _module_device_dtype(self.unet)[1]
+        return torch.get_default_dtype() if dtype is None else dtype
 
     @property
     def device(self) -> torch.device:
-        return _module_dtype_device(self.unet, self.alphas_cumprod)[1]
+        device = _module_device_dtype(self.unet)[0]
+        return self.alphas_cumprod.device if device is None else device
 
     # --------------------------------------------------------------------------------- the schedule
     @property
@@ -586,7 +567,7 @@ class DiffusionDenoiser(nn.Module):
 
     def _predict(self, x_t: Tensor, timesteps: Any, labels: Any) -> tuple[Tensor, Tensor]:
         """(ε̂, unclipped x̂0) in model space at the UNet's resolution."""
-        x_t = _check_noisy_images(x_t, "x_t")
+        x_t = check_images(x_t, "x_t", unit_range=False)
         if x_t.shape[1] != self.image_channels:
             raise ValueError(
                 f"`x_t` must have {self.image_channels} channel(s) (model space, the UNet's images); got shape"
@@ -629,7 +610,7 @@ class DiffusionDenoiser(nn.Module):
 
         Output has the input's shape, the UNet's dtype and device; differentiable w.r.t. the input.
         """
-        x = _check_noisy_images(x_noisy, "x_noisy")
+        x = check_images(x_noisy, "x_noisy", unit_range=False)
         t_star = self.timestep_for_sigma(sigma)
         channels = x.shape[1]
         if channels != self.image_channels:
@@ -760,6 +741,41 @@ class DiffusionDenoiser(nn.Module):
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     down = size[0] < x.shape[-2] or size[1] < x.shape[-1]
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=down)
+
+
+class _PixelBridge:
+    """Moves [0, 1] images of the references' shape to the UNet's images and back, as
+    :meth:`DiffusionDenoiser.forward` does (grayscale to RGB, resize to ``sample_size`` and back),
+    for the training steps (personalize, adapt) that call the UNet themselves.
+
+    Resizing runs in float32: antialiased bilinear resizing has no fp16/bf16 CPU kernel.
+    """
+
+    def __init__(self, denoiser: DiffusionDenoiser, channels: int, size: tuple[int, int], name: str) -> None:
+        self.expand = channels == 1 and denoiser.image_channels == 3
+        if channels != denoiser.image_channels and not self.expand:
+            raise ValueError(
+                f"`{name}` has {channels}-channel images but the denoiser's UNet works on"
+                f" {denoiser.image_channels}-channel images; convert them first."
+            )
+        self.size = size
+        self.unet_size = denoiser.sample_size
+        self.resized = denoiser.resize and self.unet_size is not None and size != self.unet_size
+
+    def to_unet(self, x: Tensor) -> Tensor:
+        if self.expand:
+            x = x.expand(-1, 3, -1, -1)
+        if self.resized:
+            assert self.unet_size is not None
+            x = _resize(x.float(), self.unet_size).to(x.dtype)
+        return x
+
+    def back(self, x0: Tensor) -> Tensor:
+        if self.resized:
+            x0 = _resize(x0.float(), self.size).clamp(0.0, 1.0).to(x0.dtype)
+        if self.expand:
+            x0 = x0.mean(dim=1, keepdim=True)
+        return x0
 
 
 def _first_that_loads(source: str, subfolders: list[str | None], load: Callable[[str | None], Any]) -> tuple:

@@ -32,21 +32,16 @@ from torch import Tensor, nn
 
 from ._io import atomic_save_safetensors, atomic_write_json
 from ._training import LoopSettings, fingerprint, train_loop
-from ._validation import check_images
+from ._validation import _short, check_images
 from .classifiers import extract_logits
 from .config import PersonalizeConfig
-from .denoiser import DiffusionDenoiser, _resize
+from .denoiser import DiffusionDenoiser, _module_device_dtype, _PixelBridge
 
 ADAPTER_NAME = "personalized"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # Written into the safetensors metadata so a loader can tell which adapter and layout it holds.
 _ADAPTER_FORMAT = "nodata-defense/peft-lora/1"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ------------------------------------------------------------------------------- shared checks
@@ -78,16 +73,6 @@ def _check_references(references: Any, name: str = "references") -> tuple[Tensor
     if int(labels.min()) < 0:
         raise ValueError(f"`{name}.labels` must be class indices >= 0; got a minimum of {int(labels.min())}.")
     return images, labels.long().cpu()
-
-
-def _module_device_dtype(module: Any) -> tuple[torch.device | None, torch.dtype | None]:
-    if isinstance(module, nn.Module):
-        for tensor in module.parameters():
-            return tensor.device, tensor.dtype
-        for tensor in module.buffers():
-            if torch.is_floating_point(tensor):
-                return tensor.device, tensor.dtype
-    return None, None
 
 
 def _to_module(x: Tensor, module: Any) -> Tensor:
@@ -153,40 +138,6 @@ def _references_digest(images: Tensor, labels: Tensor) -> str:
         digest.update(images[start : start + 64].detach().to("cpu", torch.float32).contiguous().numpy())
     digest.update(labels.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-class _PixelBridge:
-    """Moves [0, 1] images of the references' shape to the UNet's images and back, as
-    :meth:`DiffusionDenoiser.forward` does (grayscale to RGB, resize to ``sample_size`` and back).
-
-    Resizing runs in float32: antialiased bilinear resizing has no fp16/bf16 CPU kernel.
-    """
-
-    def __init__(self, denoiser: DiffusionDenoiser, channels: int, size: tuple[int, int], name: str) -> None:
-        self.expand = channels == 1 and denoiser.image_channels == 3
-        if channels != denoiser.image_channels and not self.expand:
-            raise ValueError(
-                f"`{name}` has {channels}-channel images but the denoiser's UNet works on"
-                f" {denoiser.image_channels}-channel images; convert them first."
-            )
-        self.size = size
-        self.unet_size = denoiser.sample_size
-        self.resized = denoiser.resize and self.unet_size is not None and size != self.unet_size
-
-    def to_unet(self, x: Tensor) -> Tensor:
-        if self.expand:
-            x = x.expand(-1, 3, -1, -1)
-        if self.resized:
-            assert self.unet_size is not None
-            x = _resize(x.float(), self.unet_size).to(x.dtype)
-        return x
-
-    def back(self, x0: Tensor) -> Tensor:
-        if self.resized:
-            x0 = _resize(x0.float(), self.size).clamp(0.0, 1.0).to(x0.dtype)
-        if self.expand:
-            x0 = x0.mean(dim=1, keepdim=True)
-        return x0
 
 
 # ------------------------------------------------------------------------------------- LoRA / peft
@@ -393,8 +344,18 @@ def _training_draws(
     return indices, timesteps, noise
 
 
+class _StepResult:
+    """Base of the results of the training steps (personalize, adapt)."""
+
+    loss_history: list[dict[str, float]]
+
+    @property
+    def final_loss(self) -> float:
+        return self.loss_history[-1]["loss"] if self.loss_history else float("nan")
+
+
 @dataclass(frozen=True, repr=False)
-class PersonalizationResult:
+class PersonalizationResult(_StepResult):
     """Outcome of :func:`personalize`: the denoiser now holds the trained LoRA adapter ``adapter_name``."""
 
     adapter_name: str
@@ -405,10 +366,6 @@ class PersonalizationResult:
     adapted_modules: tuple[str, ...]
     loss_history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int = 0
-
-    @property
-    def final_loss(self) -> float:
-        return self.loss_history[-1]["loss"] if self.loss_history else float("nan")
 
     def __repr__(self) -> str:
         c = self.config

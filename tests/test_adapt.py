@@ -18,8 +18,7 @@ from nodata_defense.adapt import (
     save_classifier_adapter,
 )
 from nodata_defense.config import AdaptConfig
-from nodata_defense.denoiser import DiffusionDenoiser
-from nodata_defense.personalize import _PixelBridge
+from nodata_defense.denoiser import DiffusionDenoiser, _PixelBridge
 
 
 @pytest.fixture(autouse=True, scope="module")
