@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ._io import atomic_save_safetensors, atomic_write_json
-from ._training import LoopSettings, fingerprint, train_loop
+from ._training import train_loop
 from ._validation import _short, check_positive_float
 from .config import AdaptConfig
 from .denoiser import DiffusionDenoiser, _PixelBridge
@@ -45,10 +45,12 @@ from .personalize import (
     _inject_lora,
     _load_peft_adapter,
     _logits,
+    _loop_settings,
     _lora_config_dict,
     _make_lora_config,
     _num_classes,
-    _references_digest,
+    _restore,
+    _run_id,
     _save_peft_adapter,
     _StepResult,
 )
@@ -255,28 +257,16 @@ def adapt_classifier(
         loss = F.cross_entropy(logits.float(), labels[index].to(logits.device))
         return {"loss": loss, "ce": loss}
 
-    settings = LoopSettings(
-        steps=steps,
-        learning_rate=config.learning_rate,
-        seed=config.seed,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        max_grad_norm=config.max_grad_norm,
-        schedule="cosine",
-        checkpoint_every=config.checkpoint_every,
-        show_progress=config.show_progress,
-        description=f"adapt classifier ({mode})",
-    )
-    run_id = fingerprint(
-        {
-            "step": "adapt",
-            "config": config.model_dump(mode="json", exclude={"show_progress", "checkpoint_every"}),
-            "sigma": sigma,
-            "head": head,
-            "references": _references_digest(images, labels),
-            "denoiser": repr(denoiser),
-            "classifier": type(classifier).__name__,
-        }
+    settings = _loop_settings(config, steps, f"adapt classifier ({mode})")
+    run_id = _run_id(
+        "adapt",
+        config,
+        images,
+        labels,
+        denoiser,
+        sigma=sigma,
+        head=head,
+        classifier=type(classifier).__name__,
     )
     modes = [(m, m.training) for m in adapted.modules()]
     adapted.train(config.train_mode)
@@ -286,10 +276,7 @@ def adapt_classifier(
                 trainable, compute_loss, settings, checkpoint_dir=checkpoint_dir, run_id=run_id
             )
     finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        _restore(modes, flags)
         if adapter_name is not None:
             for p in _adapter_parameters(adapted, adapter_name).values():
                 p.requires_grad_(False)

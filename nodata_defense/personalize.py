@@ -100,10 +100,15 @@ def _frozen(module: Any, *, train: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        _restore(modes, flags)
+
+
+def _restore(modes: Sequence[tuple[nn.Module, bool]], flags: Sequence[tuple[Tensor, bool]]) -> None:
+    """Put back train/eval modes and ``requires_grad`` flags recorded before a block changed them."""
+    for m, training in modes:
+        m.training = training
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def _num_classes(classifier: Any, example: Tensor) -> int:
@@ -391,6 +396,39 @@ def _as_config(config: Any, cls: type) -> Any:
     )
 
 
+def _loop_settings(config: Any, steps: int, description: str, **extra: Any) -> LoopSettings:
+    """The training loop's settings from a step's config (PersonalizeConfig or AdaptConfig)."""
+    return LoopSettings(
+        steps=steps,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        schedule="cosine",
+        checkpoint_every=config.checkpoint_every,
+        show_progress=config.show_progress,
+        description=description,
+        **extra,
+    )
+
+
+def _run_id(step: str, config: Any, images: Tensor, labels: Tensor, denoiser: Any, **extra: Any) -> str:
+    """What identifies a run of a training step, so that a checkpoint of another run is refused.
+
+    ``show_progress`` and ``checkpoint_every`` are left out: they do not change the result.
+    """
+    return fingerprint(
+        {
+            "step": step,
+            "config": config.model_dump(mode="json", exclude={"show_progress", "checkpoint_every"}),
+            "references": _references_digest(images, labels),
+            "denoiser": repr(denoiser),
+            **extra,
+        }
+    )
+
+
 def personalize(
     denoiser: DiffusionDenoiser,
     classifier: Callable[[Tensor], Any] | None,
@@ -478,28 +516,10 @@ def personalize(
             terms["loss"] = mse + weight * ce
         return terms
 
-    settings = LoopSettings(
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        seed=config.seed,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        gradient_accumulation=config.gradient_accumulation,
-        max_grad_norm=config.max_grad_norm,
-        schedule="cosine",
-        checkpoint_every=config.checkpoint_every,
-        show_progress=config.show_progress,
-        description="personalize denoiser",
+    settings = _loop_settings(
+        config, config.steps, "personalize denoiser", gradient_accumulation=config.gradient_accumulation
     )
-    run_id = fingerprint(
-        {
-            "step": "personalize",
-            "config": config.model_dump(mode="json", exclude={"show_progress", "checkpoint_every"}),
-            "adapter_name": adapter_name,
-            "references": _references_digest(images, labels),
-            "denoiser": repr(denoiser),
-        }
-    )
+    run_id = _run_id("personalize", config, images, labels, denoiser, adapter_name=adapter_name)
 
     unet_flags = [(p, p.requires_grad) for p in unet.parameters()]
     trainable = _inject_lora(unet, lora_config, adapter_name, config.seed)
@@ -518,10 +538,7 @@ def personalize(
         _remove_adapter(unet, adapter_name)
         raise
     finally:
-        for m, training in unet_modes:
-            m.training = training
-        for p, flag in unet_flags:
-            p.requires_grad_(flag)
+        _restore(unet_modes, unet_flags)
     for p in trainable.values():
         p.requires_grad_(False)  # the adapter is part of a frozen inference model from here on
     return PersonalizationResult(

@@ -549,6 +549,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples-per-class", type=int, default=100)
     p.add_argument("--time-steps", type=int, default=0, help="time this many steps, print s/step, exit")
+    p.add_argument("--stop-after", type=int, default=0, help="checkpoint and exit after this step")
     p.add_argument("--export-only", action="store_true", help="export the last checkpoint's EMA to --out")
     p.add_argument("--evaluate-only", action="store_true", help="evaluate the model at --out")
     p.add_argument("--no-evaluate", action="store_true")
@@ -566,6 +567,7 @@ _NON_TRAINING = {
     "ddim_steps",
     "samples_per_class",
     "time_steps",
+    "stop_after",
     "export_only",
     "evaluate_only",
     "no_evaluate",
@@ -623,8 +625,11 @@ def main(argv: list[str] | None = None) -> None:
     last_checkpoint = time.time()
     t0 = time.time()
     window: list[float] = []
-    steps = args.time_steps or args.steps
-    for step in range(start, steps):
+    steps = args.steps
+    end = min(steps, args.stop_after) if args.stop_after else steps
+    if args.time_steps:
+        end = min(steps, start + args.time_steps)
+    for step in range(start, end):
         g = torch.Generator().manual_seed(step_seed(args.seed, step))
         torch.manual_seed(step_seed(args.seed, step, 1))  # any global draw (dropout) is per-step too
         idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
@@ -653,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
                 pe.lerp_(pm, 1 - d)
         window.append(float(loss.detach()))
         done = step + 1
-        if done % args.log_every == 0 or done == steps:
+        if done % args.log_every == 0 or done == end:
             entry = {
                 "step": done,
                 "loss": sum(window) / len(window),
@@ -668,12 +673,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{json.dumps(entry)} s/step={rate:.3f} eta_min={(steps - done) * rate / 60:.1f}", flush=True
             )
         if not args.time_steps and (
-            time.time() - last_checkpoint > 60 * args.checkpoint_minutes or done == steps
+            time.time() - last_checkpoint > 60 * args.checkpoint_minutes or done == end
         ):
             save_checkpoint(args.run_dir, done, {"model": model, "ema": ema}, optimizer, history, run_id)
             last_checkpoint = time.time()
     if args.time_steps:
-        print(f"timing: {(time.time() - t0) / max(1, steps - start):.3f} s/step", flush=True)
+        print(f"timing: {(time.time() - t0) / max(1, end - start):.3f} s/step", flush=True)
+        return
+    if end < steps:
+        print(f"stopped at step {end} of {steps}; re-run without --stop-after to continue", flush=True)
         return
 
     ema.eval()

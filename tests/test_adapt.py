@@ -6,8 +6,9 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import tiny_models
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from tiny_models import cosine_schedule, tiny_unet
 from torch import nn
 
 from nodata_defense.adapt import (
@@ -20,51 +21,29 @@ from nodata_defense.adapt import (
 from nodata_defense.config import AdaptConfig
 from nodata_defense.denoiser import DiffusionDenoiser, _PixelBridge
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- builders
 def tiny_denoiser() -> DiffusionDenoiser:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-    ).eval()
-    return DiffusionDenoiser(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
+    return DiffusionDenoiser(tiny_unet(), cosine_schedule())
 
 
-class TinyCNN(nn.Module):
+class TinyCNN(tiny_models.TinyCNN):
     """3-class classifier with BatchNorm; `limit` (class-wide) makes the n-th forward call crash."""
 
     limit: int | None = None
     calls = 0
 
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.head = nn.Linear(4, 3)
+        super().__init__(3, 3, width=4, seed=1)
         self.num_classes = 3
 
     def forward(self, x):
         type(self).calls += 1
         if self.limit is not None and type(self).calls > self.limit:
             raise KeyboardInterrupt
-        return self.head(self.body(x).mean(dim=(2, 3)))
+        return super().forward(x)
 
 
 def colour_references(n: int = 6, size: int = 12) -> SimpleNamespace:

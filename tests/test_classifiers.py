@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from tiny_models import CLIP_TEXT_BODY, VIT_BODY
 from torch import nn
 
 from nodata_defense.classifiers import (
@@ -48,12 +49,7 @@ def tiny_vit(num_labels: int = 4):
 
     torch.manual_seed(0)
     config = ViTConfig(
-        image_size=16,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
+        **VIT_BODY,
         num_labels=num_labels,
         id2label={i: f"class_{i}" for i in range(num_labels)},
         label2id={f"class_{i}": i for i in range(num_labels)},
@@ -84,25 +80,14 @@ def tiny_clip(clip_tokenizer):
     config = CLIPConfig(
         text_config=dict(
             vocab_size=vocab_size,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **CLIP_TEXT_BODY,
             max_position_embeddings=32,
             projection_dim=8,
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
             pad_token_id=vocab_size - 1,
         ),
-        vision_config=dict(
-            image_size=16,
-            patch_size=8,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            projection_dim=8,
-        ),
+        vision_config=dict(**VIT_BODY, projection_dim=8),
         projection_dim=8,
     )
     return CLIPModel(config).eval()

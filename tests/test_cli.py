@@ -10,20 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from robust_fixtures import TinyCNN, assemble, save_tiny_t2i
+from robust_fixtures import assemble, save_tiny_t2i
+from tiny_models import TinyCNN
 
 from nodata_defense.cli import main, read_images
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def test_info_prints_the_saved_config(saved, capsys):
 def test_certify_a_folder_of_images(saved, image_dir, tmp_path, capsys):
     out_file = tmp_path / "certificates.json"
     argv = ["certify", str(saved), str(image_dir), "--n0", "5", "--n", "20", "--batch-size", "16"]
-    status = main([*argv, "--classifier-factory", "robust_fixtures:TinyCNN", "--output", str(out_file)])
+    status = main([*argv, "--classifier-factory", "tiny_models:TinyCNN", "--output", str(out_file)])
     assert status == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split() == ["image", "label", "radius", "pA_lower"]

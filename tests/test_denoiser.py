@@ -3,129 +3,37 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
-from tokenizers import Tokenizer, models, pre_tokenizers
+from diffusers import DDPMScheduler
+from tiny_models import (
+    clip_text_encoder,
+    cosine_schedule,
+    save_t2i,
+    t5_encoder,
+    tiny_if_unet,
+    tiny_text_unet,
+    tiny_unet,
+    word_tokenizer,
+)
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from nodata_defense.denoiser import DenoisedClassifier, DiffusionDenoiser
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", "photo", "of", "zero", "one", "two", "this", "is", "digit"]
 
 
 # ----------------------------------------------------------------------------------------- builders
-def tiny_unet(channels: int = 3, size: int = 16, **kwargs) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=kwargs.pop("out_channels", channels),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        **kwargs,
-    ).eval()
-
-
-def tiny_text_unet(channels: int = 1, size: int = 16, width: int = 16) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=width,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
-
-
-def tiny_if_unet(t5_width: int = 12, size: int = 16) -> UNet2DConditionModel:
-    """The layout of IF-II-L at toy size: 6 input channels, learned variance, noise-level embedding."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=size,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        in_channels=6,
-        out_channels=6,
-        cross_attention_dim=32,  # group-normed cross attention needs a multiple of 32
-        encoder_hid_dim=t5_width,
-        attention_head_dim=8,
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift",
-        act_fn="gelu",
-        class_embed_type="timestep",
-        mid_block_scale_factor=1.414,
-        time_embedding_act_fn="gelu",
-        time_embedding_dim=16,
-        norm_num_groups=4,
-    ).eval()
-
-
-def tiny_tokenizer(max_length: int = 8) -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        model_max_length=max_length,
-    )
-
-
-def tiny_clip(width: int = 16, max_length: int = 8) -> CLIPTextModel:
-    torch.manual_seed(1)
-    config = CLIPTextConfig(
-        vocab_size=len(WORDS),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=max_length,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    return CLIPTextModel(config).eval()
-
-
-def tiny_t5(width: int = 12) -> T5EncoderModel:
-    torch.manual_seed(2)
-    config = T5Config(vocab_size=len(WORDS), d_model=width, d_kv=6, d_ff=2 * width, num_layers=1, num_heads=2)
-    return T5EncoderModel(config).eval()
-
-
-def cosine() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+tiny_tokenizer = partial(word_tokenizer, WORDS)
+tiny_clip = partial(clip_text_encoder, len(WORDS))
+tiny_t5 = partial(t5_encoder, len(WORDS))
 
 
 def linear() -> DDPMScheduler:
@@ -154,18 +62,10 @@ class OracleUNet(nn.Module):
         return (out[self.prediction_type].to(sample.dtype),)
 
 
-def save_pipeline(directory, unet, scheduler, text_encoder=None, tokenizer=None) -> None:
-    unet.save_pretrained(directory / "unet")
-    scheduler.save_pretrained(directory / "scheduler")
-    if text_encoder is not None:
-        text_encoder.save_pretrained(directory / "text_encoder")
-        tokenizer.save_pretrained(directory / "tokenizer")
-
-
 # ------------------------------------------------------------------------------------- the schedule
 @pytest.mark.parametrize(
     ("scheduler", "expected"),
-    [(cosine, {0.25: 289, 0.5: 496, 1.0: 702}), (linear, {0.25: 145, 0.5: 259, 1.0: 396})],
+    [(cosine_schedule, {0.25: 289, 0.5: 496, 1.0: 702}), (linear, {0.25: 145, 0.5: 259, 1.0: 396})],
     ids=["IF-cosine", "DDPM-linear"],
 )
 def test_timestep_for_sigma_matches_reference_table(scheduler, expected):
@@ -173,7 +73,7 @@ def test_timestep_for_sigma_matches_reference_table(scheduler, expected):
     assert {s: denoiser.timestep_for_sigma(s) for s in expected} == expected
 
 
-@pytest.mark.parametrize("scheduler", [cosine, linear])
+@pytest.mark.parametrize("scheduler", [cosine_schedule, linear], ids=["cosine", "linear"])
 def test_timestep_for_sigma_is_the_first_step_reaching_two_sigma(scheduler):
     sched = scheduler()
     denoiser = DiffusionDenoiser(tiny_unet(), sched)
@@ -211,7 +111,7 @@ def test_alphas_can_be_given_directly_and_are_validated():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_oracle_unet_reconstructs_the_clean_image_exactly(prediction_type):
     torch.manual_seed(0)
-    sched = cosine()
+    sched = cosine_schedule()
     x = torch.rand(3, 3, 8, 8) * 0.9 + 0.05
     oracle = OracleUNet(2 * x - 1, sched.alphas_cumprod, prediction_type)
     denoiser = DiffusionDenoiser(oracle, sched, kind="unconditional", prediction_type=prediction_type)
@@ -237,7 +137,7 @@ def test_predict_epsilon_returns_the_true_noise_of_the_forward_process():
 
 def test_learned_variance_channels_are_dropped():
     unet = tiny_unet(channels=3, out_channels=6)
-    denoiser = DiffusionDenoiser(unet, cosine())
+    denoiser = DiffusionDenoiser(unet, cosine_schedule())
     assert denoiser.learned_variance and denoiser.image_channels == 3
     x_t = torch.randn(2, 3, 16, 16)
     eps = denoiser.predict_epsilon(x_t, 100)
@@ -251,7 +151,7 @@ def test_learned_variance_channels_are_dropped():
 def test_if_superres_call_matches_the_if_ii_convention():
     t5, tok = tiny_t5(width=12), tiny_tokenizer()
     unet = tiny_if_unet(t5_width=12, size=16)
-    denoiser = DiffusionDenoiser(unet, cosine(), text_encoder=t5, tokenizer=tok)
+    denoiser = DiffusionDenoiser(unet, cosine_schedule(), text_encoder=t5, tokenizer=tok)
     assert (denoiser.kind, denoiser.image_channels, denoiser.learned_variance) == ("if_superres", 3, True)
 
     calls = []
@@ -270,7 +170,9 @@ def test_if_superres_call_matches_the_if_ii_convention():
 
 
 def test_if_superres_predict_epsilon_at_per_sample_timesteps():
-    denoiser = DiffusionDenoiser(tiny_if_unet(), cosine(), text_encoder=tiny_t5(), tokenizer=tiny_tokenizer())
+    denoiser = DiffusionDenoiser(
+        tiny_if_unet(), cosine_schedule(), text_encoder=tiny_t5(), tokenizer=tiny_tokenizer()
+    )
     calls = []
     denoiser.unet.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
     x_t = torch.randn(3, 3, 16, 16, requires_grad=True)
@@ -284,7 +186,7 @@ def test_if_superres_predict_epsilon_at_per_sample_timesteps():
 def test_if_superres_embeddings_width_must_match_the_unet():
     with pytest.raises(ValueError, match="has width 16 but the UNet expects 12"):
         DiffusionDenoiser(
-            tiny_if_unet(t5_width=12), cosine(), text_encoder=tiny_t5(16), tokenizer=tiny_tokenizer()
+            tiny_if_unet(t5_width=12), cosine_schedule(), text_encoder=tiny_t5(16), tokenizer=tiny_tokenizer()
         )
 
 
@@ -318,7 +220,7 @@ def test_text_kind_caches_prompts_and_selects_class_prompts_by_label():
 
 def test_text_kind_roundtrips_through_from_pretrained_in_pipeline_layout(tmp_path):
     unet, sched, clip, tok = tiny_text_unet(size=12), linear(), tiny_clip(), tiny_tokenizer()
-    save_pipeline(tmp_path, unet, sched, clip, tok)
+    save_t2i(tmp_path, unet, sched, clip, tok)
     prompts = ["a photo of zero", "a photo of one"]
     direct = DiffusionDenoiser(unet, sched, text_encoder=clip, tokenizer=tok, class_prompts=prompts)
     loaded = DiffusionDenoiser.from_pretrained(tmp_path, class_prompts=prompts)
@@ -387,10 +289,10 @@ def test_from_pretrained_reads_the_flat_ddpm_cifar10_layout(tmp_path):
 
 def test_from_pretrained_reads_an_if_ii_pipeline_layout_and_can_drop_the_encoder(tmp_path):
     unet, t5, tok = tiny_if_unet(), tiny_t5(), tiny_tokenizer()
-    save_pipeline(tmp_path, unet, cosine(), t5, tok)
+    save_t2i(tmp_path, unet, cosine_schedule(), t5, tok)
     loaded = DiffusionDenoiser.from_pretrained(tmp_path, keep_text_encoder=False, torch_dtype=torch.float64)
     assert loaded.kind == "if_superres" and loaded.text_encoder is None and loaded.dtype == torch.float64
-    direct = DiffusionDenoiser(unet.double(), cosine(), text_encoder=t5.double(), tokenizer=tok)
+    direct = DiffusionDenoiser(unet.double(), cosine_schedule(), text_encoder=t5.double(), tokenizer=tok)
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, 0.5), direct(x, 0.5))
@@ -418,7 +320,7 @@ def test_class_conditional_unet_needs_labels():
 
 # ------------------------------------------------------------------------- general behaviour
 def test_batched_result_equals_one_by_one():
-    denoiser = DiffusionDenoiser(tiny_unet(), cosine())
+    denoiser = DiffusionDenoiser(tiny_unet(), cosine_schedule())
     torch.manual_seed(0)
     x = torch.rand(5, 3, 20, 20) + 0.25 * torch.randn(5, 3, 20, 20)
     with torch.no_grad():
@@ -429,7 +331,7 @@ def test_batched_result_equals_one_by_one():
 
 def test_gradients_reach_the_input_through_resizing():
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * 20 * 20, 4))
-    model = DenoisedClassifier(DiffusionDenoiser(tiny_unet(), cosine()), classifier, sigma=0.25)
+    model = DenoisedClassifier(DiffusionDenoiser(tiny_unet(), cosine_schedule()), classifier, sigma=0.25)
     x = (torch.rand(2, 3, 20, 20) + 0.25 * torch.randn(2, 3, 20, 20)).requires_grad_(True)
     logits = model(x)
     assert logits.shape == (2, 4)
@@ -439,14 +341,14 @@ def test_gradients_reach_the_input_through_resizing():
 
 
 def test_dtype_follows_the_unet():
-    denoiser = DiffusionDenoiser(tiny_unet().double(), cosine())
+    denoiser = DiffusionDenoiser(tiny_unet().double(), cosine_schedule())
     out = denoiser(torch.rand(2, 3, 16, 16), 0.5)  # float32 in, float64 model
     assert out.dtype == torch.float64 and denoiser.dtype == torch.float64
     assert denoiser.predict_epsilon(torch.randn(1, 3, 16, 16), 3).dtype == torch.float64
 
 
 def test_grayscale_input_into_rgb_denoiser_is_repeated_and_averaged_back():
-    denoiser = DiffusionDenoiser(tiny_unet(), cosine())
+    denoiser = DiffusionDenoiser(tiny_unet(), cosine_schedule())
     x = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
         out = denoiser(x, 0.5)
@@ -456,7 +358,7 @@ def test_grayscale_input_into_rgb_denoiser_is_repeated_and_averaged_back():
 
 
 def test_rgb_input_into_grayscale_denoiser_is_refused():
-    denoiser = DiffusionDenoiser(tiny_unet(channels=1), cosine())
+    denoiser = DiffusionDenoiser(tiny_unet(channels=1), cosine_schedule())
     with pytest.raises(ValueError, match="has 3 channels but the denoiser's UNet works on 1-channel images"):
         denoiser(torch.rand(1, 3, 16, 16), 0.25)
     with pytest.raises(ValueError, match=r"must have 1 channel\(s\)"):
@@ -464,7 +366,7 @@ def test_rgb_input_into_grayscale_denoiser_is_refused():
 
 
 def test_noisy_input_outside_unit_range_is_accepted_and_output_is_in_range():
-    denoiser = DiffusionDenoiser(tiny_unet(), cosine())
+    denoiser = DiffusionDenoiser(tiny_unet(), cosine_schedule())
     with torch.no_grad():
         out = denoiser(torch.randn(2, 3, 16, 16) * 3, 1.0)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
@@ -481,13 +383,13 @@ def test_noisy_input_outside_unit_range_is_accepted_and_output_is_in_range():
     ],
 )
 def test_bad_images_are_refused(bad, error, match):
-    denoiser = DiffusionDenoiser(tiny_unet(), cosine())
+    denoiser = DiffusionDenoiser(tiny_unet(), cosine_schedule())
     with pytest.raises(error, match=match):
         denoiser(bad, 0.25)
 
 
 def test_bad_timesteps_labels_and_arguments_are_refused():
-    denoiser = DiffusionDenoiser(tiny_unet(), cosine())
+    denoiser = DiffusionDenoiser(tiny_unet(), cosine_schedule())
     x_t = torch.randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match=r"`timesteps` must be an integer in \[0, 999\]"):
         denoiser.predict_epsilon(x_t, 1000)
@@ -502,29 +404,17 @@ def test_bad_timesteps_labels_and_arguments_are_refused():
     with pytest.raises(ValueError, match=r"`labels` must have shape \(2,\)"):
         denoiser(torch.rand(2, 3, 16, 16), 0.25, labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="only apply to text-conditioned UNets"):
-        DiffusionDenoiser(tiny_unet(), cosine(), prompt="a photo")
+        DiffusionDenoiser(tiny_unet(), cosine_schedule(), prompt="a photo")
     with pytest.raises(ValueError, match="`kind` must be one of"):
-        DiffusionDenoiser(tiny_unet(), cosine(), kind="latent")
+        DiffusionDenoiser(tiny_unet(), cosine_schedule(), kind="latent")
     with pytest.raises(TypeError, match="`unet` must be a torch.nn.Module"):
-        DiffusionDenoiser(lambda x: x, cosine())
+        DiffusionDenoiser(lambda x: x, cosine_schedule())
     with pytest.raises(ValueError, match="`sigma` must be a finite number > 0"):
         DenoisedClassifier(denoiser, nn.Identity(), sigma=-0.25)
 
 
 def test_latent_unet_is_refused_with_a_hint():
-    torch.manual_seed(0)
-    latent = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    latent = tiny_text_unet(channels=4, size=8)
     with pytest.raises(ValueError, match="looks like a latent diffusion model"):
         DiffusionDenoiser(latent, linear())
 
@@ -543,7 +433,7 @@ def test_repr_shows_the_hyper_parameters():
         "timesteps=1000",
     ]:
         assert part in text
-    model = DenoisedClassifier(DiffusionDenoiser(tiny_unet(), cosine()), nn.Identity(), sigma=0.5)
+    model = DenoisedClassifier(DiffusionDenoiser(tiny_unet(), cosine_schedule()), nn.Identity(), sigma=0.5)
     assert "sigma=0.5" in repr(model) and "timestep=496" in repr(model)
 
 
@@ -552,7 +442,7 @@ def test_lora_on_the_unet_trains_through_predict_epsilon_and_the_text_encoder_st
 
     denoiser = DiffusionDenoiser(
         tiny_if_unet(),
-        cosine(),
+        cosine_schedule(),
         text_encoder=tiny_t5(),
         tokenizer=tiny_tokenizer(),
         class_prompts=["zero", "one"],

@@ -5,7 +5,6 @@ Everything talks to 127.0.0.1 only (tests/hub_server.py); nothing reaches the re
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import HubServer
-from robust_fixtures import CLASS_NAMES, TinyCNN, assemble, images, save_tiny_t2i
+from robust_fixtures import CLASS_NAMES, assemble, images, save_tiny_t2i, without_time
+from tiny_models import TinyCNN
 
 from nodata_defense import HubUnreachableError, Robustifier, RobustModel
 
@@ -27,13 +27,7 @@ SAVED = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +67,6 @@ def dead_endpoint(monkeypatch, tmp_path) -> str:
     endpoint = f"http://127.0.0.1:{port}"
     point_hub_at(monkeypatch, endpoint, tmp_path)
     return endpoint
-
-
-def without_time(results) -> list[dict]:
-    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "seconds"} for r in results]
 
 
 # --------------------------------------------------------------------------------- a working Hub

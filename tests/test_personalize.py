@@ -6,10 +6,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
+from tiny_models import cosine_schedule, tiny_if_unet, tiny_text_unet, tiny_unet
 from torch import nn
 
 from nodata_defense._training import step_seed
@@ -24,111 +25,34 @@ from nodata_defense.personalize import (
     save_denoiser_adapter,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- builders
-WIDTH = 16
-
-
-def tiny_text_unet(channels: int = 3, size: int = 16) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WIDTH,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
-
-
-def tiny_if_unet(t5_width: int = 12, size: int = 16) -> UNet2DConditionModel:
-    """IF-II-L's layout at toy size: 6 input channels, learned variance, noise-level class embedding."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=size,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        in_channels=6,
-        out_channels=6,
-        cross_attention_dim=32,
-        encoder_hid_dim=t5_width,
-        attention_head_dim=8,
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift",
-        act_fn="gelu",
-        class_embed_type="timestep",
-        mid_block_scale_factor=1.414,
-        time_embedding_act_fn="gelu",
-        time_embedding_dim=16,
-        norm_num_groups=4,
-    ).eval()
-
-
-def tiny_unet2d(attention: bool = True, **kwargs) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"),
-        add_attention=attention,
-        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        **kwargs,
-    ).eval()
-
-
-def schedule() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-
-
+WIDTH = 16  # the text UNet's cross-attention width
 EMBED = torch.randn(1, 5, WIDTH, generator=torch.Generator().manual_seed(3))
 
 
 def text_denoiser(channels: int = 3) -> DiffusionDenoiser:
     # A precomputed "" prompt embedding stands in for the text encoder (as a released encoder would).
-    return DiffusionDenoiser(tiny_text_unet(channels), schedule(), prompt_embeds={"": EMBED})
+    return DiffusionDenoiser(tiny_text_unet(channels), cosine_schedule(), prompt_embeds={"": EMBED})
 
 
 def if_denoiser() -> DiffusionDenoiser:
     embed = torch.randn(1, 6, 12, generator=torch.Generator().manual_seed(4))
-    return DiffusionDenoiser(tiny_if_unet(), schedule(), prompt_embeds={"": embed})
+    return DiffusionDenoiser(tiny_if_unet(), cosine_schedule(), prompt_embeds={"": embed})
 
 
-class TinyCNN(nn.Module):
+class TinyCNN(tiny_models.TinyCNN):
     """A 3-class classifier with a BatchNorm layer; counts its forward calls."""
 
     def __init__(self, channels: int = 3, num_classes: int = 3) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.body = nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.head = nn.Linear(4, num_classes)
+        super().__init__(channels, num_classes, width=4, seed=1)
         self.calls = 0
 
     def forward(self, x):
         self.calls += 1
-        return self.head(self.body(x).mean(dim=(2, 3)))
+        return super().forward(x)
 
 
 class Exploding(nn.Module):
@@ -223,9 +147,9 @@ def test_zero_weight_is_exactly_the_plain_denoising_loss():
     # Independent computation with the same draws (step 0 of seed 7) and the bare base UNet.
     generator = torch.Generator().manual_seed(step_seed(7, 0, 0))
     index, t, eps = _training_draws(generator, 6, 4, (0, 999), (3, 16, 16))
-    alpha = schedule().alphas_cumprod.to(torch.float64)[t].float().view(-1, 1, 1, 1)
+    alpha = cosine_schedule().alphas_cumprod.to(torch.float64)[t].float().view(-1, 1, 1, 1)
     x_t = alpha.sqrt() * (2 * refs.images[index] - 1) + (1 - alpha).sqrt() * eps
-    unet = tiny_text_unet()
+    unet = tiny_text_unet(3)
     with torch.no_grad():
         eps_hat = unet(x_t, t, encoder_hidden_states=EMBED.repeat(4, 1, 1)).sample
     expected = F.mse_loss(eps_hat, eps).item()
@@ -297,7 +221,7 @@ def test_if_superres_denoiser_and_grayscale_references_are_supported():
 
 
 def test_unet_without_attention_needs_explicit_targets():
-    denoiser = DiffusionDenoiser(tiny_unet2d(attention=False), schedule())
+    denoiser = DiffusionDenoiser(tiny_unet(attention=False), cosine_schedule())
     with pytest.raises(
         ValueError, match=r"`target_modules`=\['to_q', .* match no layer of the denoiser's UNet"
     ):
@@ -332,10 +256,10 @@ def test_adapter_save_then_load_gives_identical_outputs(tmp_path):
     assert not any(p.requires_grad for n, p in fresh.unet.named_parameters() if "lora_" in n)
 
     # The same files load with diffusers' own LoRA loader.
-    unet = tiny_text_unet()
+    unet = tiny_text_unet(3)
     unet.load_lora_adapter(str(tmp_path), weight_name="adapter_model.safetensors", prefix=None)
     with torch.no_grad():
-        same = DiffusionDenoiser(unet, schedule(), prompt_embeds={"": EMBED})(x, 0.5)
+        same = DiffusionDenoiser(unet, cosine_schedule(), prompt_embeds={"": EMBED})(x, 0.5)
         assert torch.equal(same, denoiser(x, 0.5))
 
 
@@ -350,8 +274,8 @@ def test_load_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match=r"already holds an adapter named 'personalized'"):
         personalize(denoiser, TinyCNN(), references(), PersonalizeConfig(steps=1))
     with pytest.raises(ValueError, match=r"match no layer of the model the adapter is loaded into"):
-        load_denoiser_adapter(DiffusionDenoiser(tiny_unet2d(attention=False), schedule()), tmp_path)
-    other = DiffusionDenoiser(tiny_unet2d(), schedule())
+        load_denoiser_adapter(DiffusionDenoiser(tiny_unet(attention=False), cosine_schedule()), tmp_path)
+    other = DiffusionDenoiser(tiny_unet(), cosine_schedule())
     with pytest.raises(ValueError, match=r"does not fit this model: missing \['down_blocks.1.attentions"):
         load_denoiser_adapter(other, tmp_path)
     assert not hasattr(other.unet, "peft_config")  # a failed load leaves the model as it was
@@ -397,11 +321,11 @@ def test_bad_inputs_are_refused_with_clear_errors():
         personalize(den, clf, references(), PersonalizeConfig(**FAST, timestep_range=(0, 1000)))
     with pytest.raises(ValueError, match=r"has 3-channel images but the denoiser's UNet works on 1-channel"):
         personalize(text_denoiser(channels=1), clf, references(), PersonalizeConfig(**FAST))
-    conditional = DiffusionDenoiser(tiny_unet2d(num_class_embeds=3), schedule())
+    conditional = DiffusionDenoiser(tiny_unet(num_class_embeds=3), cosine_schedule())
     with pytest.raises(ValueError, match=r"`denoiser` is class-conditional"):
         personalize(conditional, clf, references(), PersonalizeConfig(**FAST))
     with pytest.raises(TypeError, match=r"`denoiser` must be a DiffusionDenoiser"):
-        personalize(tiny_text_unet(), clf, references(), PersonalizeConfig(**FAST))
+        personalize(tiny_text_unet(3), clf, references(), PersonalizeConfig(**FAST))
     assert not hasattr(den.unet, "peft_config")  # nothing was injected by the refused calls
 
 
@@ -417,7 +341,9 @@ def test_accepts_a_reference_set():
 
 
 def test_low_precision_unet_trains_float32_lora_weights():
-    denoiser = DiffusionDenoiser(tiny_text_unet().to(torch.bfloat16), schedule(), prompt_embeds={"": EMBED})
+    denoiser = DiffusionDenoiser(
+        tiny_text_unet(3).to(torch.bfloat16), cosine_schedule(), prompt_embeds={"": EMBED}
+    )
     result = personalize(denoiser, TinyCNN(), references(), PersonalizeConfig(steps=2, learning_rate=1e-2))
     dtypes = {n: p.dtype for n, p in denoiser.unet.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}

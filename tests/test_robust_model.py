@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from robust_fixtures import CLASS_NAMES, TinyCNN, assemble, images, save_tiny_t2i
+from robust_fixtures import CLASS_NAMES, assemble, images, save_tiny_t2i, without_time
+from tiny_models import TinyCNN
 
 from nodata_defense.config import FORMAT_VERSION, RobustModelConfig
 from nodata_defense.robust_model import RobustModel
@@ -40,13 +40,7 @@ ADAPTER = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +55,6 @@ def robust(t2i_dir) -> RobustModel:
 
 def saved_files(directory: Path) -> set[str]:
     return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
-
-
-def without_time(results) -> list[dict]:
-    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "seconds"} for r in results]
 
 
 # ----------------------------------------------------------------------------------- inference

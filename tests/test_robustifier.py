@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from robust_fixtures import CLASS_NAMES, TinyCNN, images, save_tiny_t2i, tiny_tokenizer
+from robust_fixtures import CLASS_NAMES, images, save_tiny_t2i, tiny_tokenizer, without_time
+from tiny_models import CLIP_TEXT_BODY, VIT_BODY, TinyCNN
 from torch import nn
 
 from nodata_defense import (
@@ -30,13 +30,7 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +43,12 @@ def rgb_t2i_dir(tmp_path_factory) -> Path:
     return save_tiny_t2i(tmp_path_factory.mktemp("t2i_rgb"), channels=3)
 
 
-def without_time(results) -> list[dict]:
-    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "seconds"} for r in results]
-
-
 def tiny_vit(directory: Path, num_labels: int = 3):
     """A tiny ViT classifier saved and reloaded, so it carries its path as `name_or_path`."""
     from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=16,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=num_labels,
-    )
+    config = ViTConfig(**VIT_BODY, num_labels=num_labels)
     ViTForImageClassification(config).save_pretrained(directory)
     return AutoModelForImageClassification.from_pretrained(directory).eval()
 
@@ -81,23 +63,13 @@ def tiny_clip(directory: Path):
     config = CLIPConfig(
         text_config={
             "vocab_size": vocab,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
+            **CLIP_TEXT_BODY,
             "max_position_embeddings": 8,
             "bos_token_id": 2,
             "eos_token_id": 3,
             "pad_token_id": 0,
         },
-        vision_config={
-            "image_size": 16,
-            "patch_size": 8,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-        },
+        vision_config=dict(VIT_BODY),
         projection_dim=8,
     )
     CLIPModel(config).save_pretrained(directory)

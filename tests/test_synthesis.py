@@ -16,19 +16,19 @@ from diffusers import (
     IFPipeline,
     IFSuperResolutionPipeline,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
 from pydantic import ValidationError
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5EncoderModel,
+from tiny_models import (
+    clip_text_encoder,
+    cosine_schedule,
+    save_t2i,
+    t5_encoder,
+    tiny_if_unet,
+    tiny_text_unet,
+    word_tokenizer,
 )
+from transformers import CLIPTokenizer
 
 from nodata_defense.config import SynthesisConfig
 from nodata_defense.synthesis import (
@@ -43,14 +43,7 @@ from nodata_defense.synthesis import (
     synthesize,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits badly on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CLASSES = ["cat", "dog", "bird"]
@@ -59,63 +52,16 @@ FAST = {"num_inference_steps": 2, "batch_size": 2}
 
 
 # ----------------------------------------------------------------------------------------- builders
-def word_tokenizer(max_length: int = 10) -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        model_max_length=max_length,
-    )
-
-
-def tiny_clip(vocab_size: int = len(WORDS), width: int = 16, max_length: int = 10, **ids) -> CLIPTextModel:
-    torch.manual_seed(1)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=max_length,
-        **({"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3} | ids),
-    )
-    return CLIPTextModel(config).eval()
-
-
-def tiny_text_unet(in_channels: int = 1, size: int = 8, width: int = 16) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=width,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
-
-
-def cosine_ddpm() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-
-
 @pytest.fixture(scope="module")
 def pixel_dir(tmp_path_factory) -> Path:
     """A tiny pixel text-to-image model saved in the diffusers layout the bundled digits model uses."""
-    directory = tmp_path_factory.mktemp("pixel") / "tiny-t2i"
-    tiny_text_unet().save_pretrained(directory / "unet")
-    cosine_ddpm().save_pretrained(directory / "scheduler")
-    tiny_clip().save_pretrained(directory / "text_encoder")
-    word_tokenizer().save_pretrained(directory / "tokenizer")
-    return directory
+    return save_t2i(
+        tmp_path_factory.mktemp("pixel") / "tiny-t2i",
+        tiny_text_unet(size=8),
+        cosine_schedule(),
+        clip_text_encoder(len(WORDS), 10),
+        word_tokenizer(WORDS, 10, lowercase=True),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,44 +112,14 @@ def tiny_sd(tmp_path: Path) -> StableDiffusionPipeline:
     )
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=tiny_clip(len(tokenizer), max_length=12, pad_token_id=1, bos_token_id=0, eos_token_id=1),
+        text_encoder=clip_text_encoder(len(tokenizer), 12, pad_token_id=1, bos_token_id=0, eos_token_id=1),
         tokenizer=tokenizer,
-        unet=tiny_text_unet(in_channels=4, size=8),
+        unet=tiny_text_unet(4, size=8),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def tiny_if_unet(
-    in_channels: int, size: int, t5_width: int, class_embed_type: str | None
-) -> UNet2DConditionModel:
-    """IF's UNet layout at toy size: learned variance (6 outputs), T5 projection, stage II noise-level embedding."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=size,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        in_channels=in_channels,
-        out_channels=6,
-        cross_attention_dim=32,
-        encoder_hid_dim=t5_width,
-        attention_head_dim=8,
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift",
-        act_fn="gelu",
-        class_embed_type=class_embed_type,
-        mid_block_scale_factor=1.414,
-        time_embedding_act_fn="gelu",
-        time_embedding_dim=16,
-        norm_num_groups=4,
-    ).eval()
 
 
 def if_scheduler() -> DDPMScheduler:
@@ -217,17 +133,8 @@ def if_scheduler() -> DDPMScheduler:
 
 
 def tiny_if(t5_width: int = 12, stage2_steps: int = 2) -> DeepFloydIFGenerator:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
-    )
-    torch.manual_seed(2)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(WORDS), d_model=t5_width, d_kv=6, d_ff=2 * t5_width, num_layers=1, num_heads=2
-        )
-    ).eval()
+    tokenizer = word_tokenizer(WORDS, None, bos=False)
+    t5 = t5_encoder(len(WORDS), t5_width)
     no_safety = {
         "safety_checker": None,
         "feature_extractor": None,
@@ -237,7 +144,7 @@ def tiny_if(t5_width: int = 12, stage2_steps: int = 2) -> DeepFloydIFGenerator:
     stage1 = IFPipeline(
         tokenizer=tokenizer,
         text_encoder=t5,
-        unet=tiny_if_unet(3, 8, t5_width, None),
+        unet=tiny_if_unet(t5_width, 8, in_channels=3, class_embed_type=None),
         scheduler=if_scheduler(),
         **no_safety,
     )
@@ -245,7 +152,7 @@ def tiny_if(t5_width: int = 12, stage2_steps: int = 2) -> DeepFloydIFGenerator:
     stage2 = IFSuperResolutionPipeline(
         tokenizer=None,
         text_encoder=None,
-        unet=tiny_if_unet(6, 16, t5_width, "timestep"),
+        unet=tiny_if_unet(t5_width, 16),
         scheduler=if_scheduler(),
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
         **no_safety,
@@ -383,7 +290,7 @@ def test_pixel_generator_samples_with_the_given_scheduler_too(pixel_dir):
 
 
 def test_pixel_from_pretrained_refuses_an_incomplete_directory(tmp_path):
-    tiny_text_unet().save_pretrained(tmp_path / "model" / "unet")
+    tiny_text_unet(size=8).save_pretrained(tmp_path / "model" / "unet")
     with pytest.raises(FileNotFoundError, match=r"lacks the subfolder\(s\) \['scheduler', 'text_encoder'"):
         PixelDiffusionGenerator.from_pretrained(tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="no such model directory"):
