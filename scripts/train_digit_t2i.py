@@ -321,7 +321,7 @@ def export(out: Path, ema: TextToImage, tokenizer, scheduler, info: dict) -> Non
     config.pop("backend", None)
     atomic_write_json(config_path, config)
     scheduler.save_pretrained(staging / "scheduler")
-    atomic_write_text(staging / "README.md", readme(info))
+    atomic_write_text(staging / "README.md", readme(out.name, info))
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -330,11 +330,16 @@ def export(out: Path, ema: TextToImage, tokenizer, scheduler, info: dict) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
-def readme(info: dict) -> str:
-    return f"""# digits-t2i: a tiny text-to-image pixel diffusion model for 28×28 digits
+def readme(name: str, info: dict) -> str:
+    role = (
+        "the embedded default off-the-shelf denoiser (the generator is the larger `digits-t2i`)"
+        if name == "digits-denoiser"
+        else "the embedded default generator *and* off-the-shelf denoiser"
+    )
+    return f"""# {name}: a tiny text-to-image pixel diffusion model for 28×28 digits
 
-Bundled with nodata-defense as the embedded default generator *and* off-the-shelf denoiser.
-Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only
+Bundled with nodata-defense as {role}. UNet channels {tuple(info["channels"])},
+{info["unet_parameters"]:,} parameters. Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only
 (1,500 real MNIST digits, 150 per class), disjoint from the bundled classifier's data and from
 the test split. See `docs/zoo.md` and `training_log.json`.
 
