@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name
 from torch import nn
 
 from nodata_defense._io import atomic_write_json, atomic_write_text
@@ -54,15 +55,6 @@ def make_cnn(seed: int) -> nn.Module:
         nn.Linear(64, 10),
     )
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def naive_certify(model, x, *, n0, n, sigma, alpha, batch_size, generator, num_classes=10):
@@ -232,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "logical_cpus": os.cpu_count(),
             "torch": torch.__version__,
             "python": platform.python_version(),

@@ -22,21 +22,13 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name
 
 from nodata_defense._io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "demo_time.json"
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run(demo_args: list[str], out_dir: Path) -> dict:
@@ -72,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold": cold,
         "warm": warm,
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "logical_cpus": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name
 from diffusers import DDPMScheduler, UNet2DModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +65,6 @@ SMALL = dict(
 MODELS = {"ddpm-cifar10-32 shape": (DDPM_CIFAR10, 16), "small": (SMALL, 64)}
 VARIANTS = ("fp32", "channels_last", "torch.compile")
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _build(config: dict, variant: str) -> DiffusionDenoiser:
@@ -137,7 +129,7 @@ def run(batches: int) -> dict:
     return {
         "command": COMMAND,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
