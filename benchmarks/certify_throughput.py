@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import cpu_name
+from _report import cpu_name, write_section
 from torch import nn
 
-from nodata_defense._io import atomic_write_json, atomic_write_text
+from nodata_defense._io import atomic_write_json
 from nodata_defense.smoothing import ABSTAIN, SmoothedClassifier, certified_radius, clopper_pearson_lower
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- certify_throughput:start -->", "<!-- certify_throughput:end -->"
 HEADING = "## Certification throughput"
 # (images, n0, n, batch size). The paper's N = 10,000 at batch 1000 and at 128 (the fastest batch
 # size of this CNN on a small CPU: a batch of 1000 overflows the cache); with n >= batch size each
@@ -156,21 +155,6 @@ def render_section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs_section(path: Path, body: str) -> None:
-    block = f"{START}\n{body}\n{END}"
-    if not path.exists():
-        text = f"# Performance\n\n{HEADING}\n\n{block}\n"
-    else:
-        text = path.read_text(encoding="utf-8")
-        if START in text and END in text:
-            before, rest = text.split(START, 1)
-            text = before + block + rest.split(END, 1)[1]
-        elif HEADING in text:
-            text = text.replace(HEADING, f"{HEADING}\n\n{block}", 1)
-        else:
-            text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-    atomic_write_text(path, text)
-
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
@@ -233,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": settings,
     }
     atomic_write_json(args.output, results)
-    write_docs_section(args.docs, render_section(results))
+    write_section(args.docs, "certify_throughput", f"{HEADING}\n\n{render_section(results)}")
     return results
 
 

@@ -21,16 +21,15 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import cpu_name
+from _report import cpu_name, write_section
 from diffusers import DDPMScheduler, UNet2DModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nodata_defense._io import atomic_write_json, atomic_write_text  # noqa: E402
+from nodata_defense._io import atomic_write_json  # noqa: E402
 from nodata_defense.denoiser import DiffusionDenoiser  # noqa: E402
 
-START, END = "<!-- denoise_throughput:start -->", "<!-- denoise_throughput:end -->"
 COMMAND = "python benchmarks/denoise_throughput.py"
 
 # google/ddpm-cifar10-32 config.json (UNet2DModel), attention at 16x16.
@@ -143,7 +142,6 @@ def run(batches: int) -> dict:
 
 def _section(report: dict) -> str:
     lines = [
-        START,
         "## One-shot denoising throughput",
         "",
         f"Measured {report['date']} on `{report['cpu']}` ({report['cpu_count']} cores, torch"
@@ -176,19 +174,9 @@ def _section(report: dict) -> str:
         "",
         f"Reproduce: `{report['command']}` (writes `benchmarks/results/denoise_throughput.json`"
         " and this section).",
-        END,
     ]
     return "\n".join(lines)
 
-
-def write_docs(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
 
 
 def main() -> None:
@@ -204,7 +192,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report = run(args.batches)
     atomic_write_json(args.output, report)
-    write_docs(args.docs, _section(report))
+    write_section(args.docs, "denoise_throughput", _section(report))
     print(f"wrote {args.output} and the section of {args.docs}")
 
 

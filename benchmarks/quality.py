@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import write_section
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         n=10_000,
         n0=100,
         steps=500,
+        batch_size=250,
+        full_data_per_class=None,  # all 200 real images per class of C
         out_dir=str(RESULTS / "quality"),
         work_dir=str(ROOT / "runs" / "quality-work"),
     )
@@ -82,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=RESULTS / "quality.json", help="summary JSON")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "quality.md", help="markdown report")
     parser.add_argument("--png", type=Path, default=RESULTS / "quality.png", help="certified-accuracy curves")
+    parser.add_argument(
+        "--readme", type=Path, default=ROOT / "README.md", help="README whose quality section to rewrite"
+    )
     return parser.parse_args(argv)
 
 
@@ -99,6 +105,7 @@ def _settings(config: DemoConfig, context: DemoContext, row: str, sigma: float) 
         "n": config.n,
         "alpha": config.alpha,
         "batch_size": config.batch_size,
+        "channels_last": config.channels_last,
         "seed": config.seed,
         "chunk": chunk_size(config),
         "classifier_sha256": context.classifier_digest,
@@ -309,6 +316,21 @@ def report(
         "",
     ]
     atomic_write_text(args.markdown, "\n".join(lines).replace("\n\n\n", "\n\n"))
+    if args.readme is not None:
+        write_section(
+            args.readme,
+            "quality",
+            "\n".join(
+                [
+                    f"Quality benchmark (`{command}`; {status}): certified accuracy (%) at ℓ2 radius r, N ="
+                    f" {config.n:,}, N0 = {config.n0}, α = {config.alpha:g}, first test digits of a fixed"
+                    " stratified order; the last column is the number of test digits behind each row.",
+                    "",
+                    markdown_table(accuracy, config.radii, config.sigmas, config.rows, counts),
+                    f"Details, cost and how to continue the run: [{_shown(args.markdown)}]({_shown(args.markdown)}).",
+                ]
+            ),
+        )
     print(markdown_table(accuracy, config.radii, config.sigmas, config.rows, counts))
     print(status + (f"; estimated {eta / 3600:.1f} h to finish" if eta is not None and not complete else ""))
 

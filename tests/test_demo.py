@@ -165,3 +165,15 @@ def test_tables_and_noise_seeds():
     assert "| 0.5 | Gaussian smoothing, plain classifier | 50.0 | 25.0 | 4 |" in md
     assert "| 1 | + classifier adaptation (full method) | – | – | 0 |" in md
     assert chunk_seed(0, 0.5, 0) == chunk_seed(0, 0.5, 0) != chunk_seed(0, 0.5, 10)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_certified_models_take_the_configured_memory_format(tmp_path, channels_last):
+    from nodata_defense.demo import DemoContext
+
+    config = DemoConfig(out_dir=str(tmp_path), channels_last=channels_last, show_progress=False)
+    bases = DemoContext.create(config).bases(0.5, ("gaussian", "denoiser"))
+    for base in bases.values():
+        convolutions = [m.weight for m in base.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convolutions
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions) is channels_last
