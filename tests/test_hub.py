@@ -162,3 +162,35 @@ def test_a_cached_model_still_loads_when_the_hub_goes_away(robust, monkeypatch, 
     offline = RobustModel.from_pretrained("tester/cached", cache_dir=tmp_path / "cache", classifier=TinyCNN())
     assert time.monotonic() - started < 30
     assert offline.config == robust.config
+
+
+@pytest.mark.slow
+def test_the_usage_line_exactly_as_written_on_the_bundled_digits(monkeypatch, tmp_path):
+    """The four calls of README's usage paragraph, verbatim, with every default (the bundled
+    generator and denoiser, the paper's fit settings and certification settings); the Hub is the
+    local test server and the token comes from the environment, as it would for a user."""
+    from nodata_defense.zoo import DIGIT_CLASS_NAMES, load_digit_classifier, load_digits
+
+    monkeypatch.setenv("HF_TOKEN", "test-token")
+    model, class_names = load_digit_classifier(), list(DIGIT_CLASS_NAMES)
+    test = load_digits("test")
+    x, labels = test.images[:3], test.labels[:3].tolist()
+
+    with HubServer(lifetime=900) as hub:  # the fit with the paper's defaults takes minutes
+        point_hub_at(monkeypatch, hub.endpoint, tmp_path)
+        robust = Robustifier(model, class_names, sigma=0.25).fit()
+        predictions = robust.predict(x)
+        certificates = robust.certify(x, sigma=0.25)
+        robust.push_to_hub("org/name")
+        files = set(hub.files("org/name"))
+        # The bundled classifier is known by id: nothing needs to be passed again to load it.
+        loaded = RobustModel.from_pretrained("org/name", cache_dir=tmp_path / "cache")
+    assert hub.unhandled == [], f"requests the test hub does not implement: {hub.unhandled}"
+
+    assert [p.label for p in predictions] == labels  # easy digits at sigma = 0.25
+    assert [c.label for c in certificates] == labels
+    assert all(c.n == 10_000 and c.n0 == 100 and c.alpha == 0.001 and c.radius > 0.25 for c in certificates)
+    assert files == SAVED
+    assert without_time(loaded.certify(x, n0=10, n=100, generator=1)) == without_time(
+        robust.certify(x, n0=10, n=100, generator=1)
+    )
