@@ -215,6 +215,82 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Which rows are compared image by image, and at which radii (the method against its baselines).
+PAIRS = (("full_method", "denoiser"), ("personalized", "denoiser"), ("full_method", "personalized"))
+PAIRED_RADII = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def paired_comparison(
+    cells: dict[tuple[str, float], list[CertificateRecord]], config: DemoConfig
+) -> list[dict[str, Any]]:
+    """Row A against row B on the same test images: at radius r, how many images only A certifies
+    correctly with radius >= r, how many only B, and the exact two-sided sign test of those
+    discordant images (McNemar's exact test), which is what "beats it beyond noise" means here."""
+    from scipy.stats import binomtest
+
+    out = []
+    for sigma in config.sigmas:
+        for a, b in PAIRS:
+            if (a, sigma) not in cells or (b, sigma) not in cells:
+                continue
+            by_index = {r.index: r for r in cells[(b, sigma)]}
+            pairs = [(r, by_index[r.index]) for r in cells[(a, sigma)] if r.index in by_index]
+            if not pairs:
+                continue
+            for radius in PAIRED_RADII:
+                hit_a = [ra.correct and ra.radius >= radius for ra, _ in pairs]
+                hit_b = [rb.correct and rb.radius >= radius for _, rb in pairs]
+                only_a = sum(x and not y for x, y in zip(hit_a, hit_b, strict=True))
+                only_b = sum(y and not x for x, y in zip(hit_a, hit_b, strict=True))
+                both = sum(x and y for x, y in zip(hit_a, hit_b, strict=True))
+                p_value = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+                out.append(
+                    {
+                        "sigma": sigma,
+                        "a": a,
+                        "b": b,
+                        "radius": radius,
+                        "images": len(pairs),
+                        "a_percent": 100 * sum(hit_a) / len(pairs),
+                        "b_percent": 100 * sum(hit_b) / len(pairs),
+                        "only_a": only_a,
+                        "only_b": only_b,
+                        "both": both,
+                        "p_value": float(p_value),
+                    }
+                )
+    return out
+
+
+def paired_markdown(comparisons: list[dict[str, Any]]) -> str:
+    lines = [
+        "| σ | row A vs row B | r | images | A (%) | B (%) | both | only A | only B | sign-test p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in comparisons:
+        lines.append(
+            f"| {c['sigma']:g} | {ROW_TITLES[c['a']]} vs {ROW_TITLES[c['b']]} | {c['radius']:g} | {c['images']} |"
+            f" {c['a_percent']:.1f} | {c['b_percent']:.1f} | {c['both']} | {c['only_a']} | {c['only_b']} |"
+            f" {c['p_value']:.2g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _settings_arguments() -> list[str]:
+    """This run's command-line arguments without those that only pace or quiet it, so the command
+    quoted in the report is the one that reproduces (and continues) the results."""
+    argv = sys.argv[1:] if sys.argv[0].endswith("quality.py") else []
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--max-minutes":
+            skip = True
+        elif not (arg.startswith("--max-minutes=") or arg in ("--quiet", "--restart")):
+            kept.append(arg)
+    return kept
+
+
 def report(
     config: DemoConfig,
     context: DemoContext,
@@ -225,9 +301,7 @@ def report(
     session_seconds: float,
 ) -> None:
     records = [r for group in cells.values() for r in group]
-    command = "python benchmarks/quality.py" + "".join(
-        f" {shlex.quote(a)}" for a in (sys.argv[1:] if sys.argv[0].endswith("quality.py") else [])
-    )
+    command = "python benchmarks/quality.py" + "".join(f" {shlex.quote(a)}" for a in _settings_arguments())
     throughput = {}
     remaining = 0.0
     for (row, sigma), group in cells.items():
@@ -242,6 +316,7 @@ def report(
         if per_image is not None:
             remaining += per_image * (config.n_test - len(group))
     unmeasured = [key for key, t in throughput.items() if t["images"] == 0]
+    comparisons = paired_comparison(cells, config)
     complete = all(len(group) >= config.n_test for group in cells.values())
     accuracy, counts = accuracy_table(records, config) if records else ({}, {})
     seconds = {**context.seconds, "this session": session_seconds}
@@ -252,6 +327,7 @@ def report(
         "cells": throughput,
         "estimated_seconds_to_finish": None if unmeasured else round(remaining),
         "cells_without_timing": unmeasured,
+        "paired_comparisons": comparisons,
         "machine": {"torch_threads": torch.get_num_threads(), "platform": sys.platform},
     }
     atomic_write_json(args.json, summary(accuracy, counts, records, config, seconds, **extra))
@@ -291,6 +367,10 @@ def report(
         + (f"{config.full_data_per_class}" if config.full_data_per_class else "all 200")
         + " real images per class of the split C.",
         "",
+        "Paired comparisons on the same test images (certified correctly with radius ≥ r by row A only"
+        " or by row B only; the p-value is the exact two-sided sign test of those discordant images):",
+        "",
+        paired_markdown(comparisons),
         "Measured cost per test image (seconds, this machine, all sessions): "
         + ", ".join(
             f"{key} {t['seconds_per_image']}"

@@ -646,7 +646,7 @@ def plot_curves(
             list(legend.values()),
             list(legend),
             loc="outside lower center",
-            ncols=min(3, len(legend)),
+            ncols=min(2 if len(sigmas) == 1 else 3, len(legend)),  # one panel is too narrow for 3
             fontsize=8,
         )
     if title:
