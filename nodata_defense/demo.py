@@ -31,6 +31,7 @@ Outputs in ``out_dir``: ``certificates.tsv`` (one line per row, σ and image), `
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import io
 import json
@@ -531,15 +532,17 @@ class DemoContext:
             kind: self.fit(sigma, kind)
             for kind in dict.fromkeys(_FIT_OF_ROW[r] for r in rows if r in _FIT_OF_ROW)
         }
+        # A copy: converting the memory format below must not reach the classifier later fits start from.
+        classifier = copy.deepcopy(self.classifier) if self.config.channels_last else self.classifier
         out: dict[str, Callable[[Tensor], Tensor]] = {}
         for row in rows:
             if row == "gaussian":
-                out[row] = self.classifier
+                out[row] = classifier
             elif row == "denoiser":
-                out[row] = DenoisedClassifier(self.base_denoiser(), self.classifier, sigma)
+                out[row] = DenoisedClassifier(self.base_denoiser(), classifier, sigma)
             elif row == "personalized":
                 # The personalized denoiser of the method's fit in front of the original classifier.
-                out[row] = DenoisedClassifier(fitted["synthetic"].denoiser, self.classifier, sigma)
+                out[row] = DenoisedClassifier(fitted["synthetic"].denoiser, classifier, sigma)
             elif row == "full_method":
                 out[row] = fitted["synthetic"].base_classifier(sigma)
             else:
