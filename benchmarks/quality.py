@@ -10,11 +10,20 @@ denoiser, self-personalized denoiser, full method, full-data reference — with 
 
 - fitted models are cached in ``--work-dir`` (default ``runs/quality-work``) with a fingerprint of
   what they depend on;
-- certificates are appended, chunk by chunk, to one TSV per row and σ in ``--results-dir``
-  (default ``benchmarks/results/quality/``), each rewrite atomic; a re-run skips what is there;
+- certificates are appended, chunk by chunk, to one TSV per row and σ in ``--out-dir``
+  (default ``benchmarks/results/quality/``), with that cell's settings and measured seconds in a
+  JSON file beside it, each rewrite atomic; a re-run skips what is there;
 - work goes chunk-major (every row and σ gets chunk k before any gets chunk k + 1), so a partial run
   compares the rows on the same images;
 - ``--max-minutes`` stops after the chunk in progress.
+
+Only the process that certifies a cell writes its files, so the σ values can run in parallel
+processes; on a 2-core machine two single-threaded processes certify more per hour than one
+process with two threads, because a batch of 250 small digits does not keep two threads busy::
+
+    python benchmarks/quality.py --sigmas 0.25 --threads 1 &
+    python benchmarks/quality.py --sigmas 0.5 --threads 1 &
+    wait; python benchmarks/quality.py --max-minutes 0     # the report over every σ
 
 Every stop writes ``benchmarks/results/quality.json`` (certified accuracy per row × σ × radius,
 images per cell, measured seconds per image, estimated time to finish, settings, versions),
@@ -57,7 +66,6 @@ from nodata_defense.demo import (
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-STATE_FILE = "state.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _cell_file(directory: Path, row: str, sigma: float) -> Path:
     return directory / f"certificates-{row}-sigma{sigma:g}.tsv"
+
+
+def _cell_state_file(directory: Path, row: str, sigma: float) -> Path:
+    return directory / f"certificates-{row}-sigma{sigma:g}.json"
 
 
 def _settings(config: DemoConfig, context: DemoContext, row: str, sigma: float) -> dict[str, Any]:
@@ -138,16 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     order = stratified_order()[: config.n_test]
     size = chunk_size(config)
 
-    # Cells: one TSV of certificates per row and σ, with its settings and timing in state.json.
-    state_path = out / STATE_FILE
-    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {"cells": {}}
+    # Cells: one TSV of certificates per row and σ, its settings and timing in a JSON file beside it.
+    # Each cell's two files are written only by the process that certifies that cell, so runs for
+    # different σ can go on in parallel processes.
     cells: dict[tuple[str, float], list[CertificateRecord]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for sigma in config.sigmas:
         for row in config.rows:
             key = f"{row}@{sigma:g}"
             settings = _settings(config, context, row, sigma)
-            saved = state["cells"].get(key)
             path = _cell_file(out, row, sigma)
+            state_path = _cell_state_file(out, row, sigma)
+            saved = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else None
             if saved is not None and saved["settings"] != settings:
                 if not args.restart:
                     print(
@@ -158,17 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 saved = None
             if saved is None:
-                saved = {"settings": settings, "seconds": 0.0, "images": 0}
                 if path.exists():
                     path.unlink()
-            state["cells"][key] = saved
+                saved = {"settings": settings, "seconds": 0.0, "images": 0}
+                atomic_write_json(state_path, saved)
+            state[key] = saved
             records = read_tsv(path) if path.is_file() else []
             if [r.index for r in records] != order[: len(records)].tolist():
                 raise RuntimeError(
                     f"{path} does not hold a prefix of the test order; remove it to start that cell again."
                 )
             cells[(row, sigma)] = records
-    atomic_write_json(state_path, state)
 
     todo = sum(max(0, config.n_test - len(records)) for records in cells.values())
     stopped_early = False
@@ -200,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                         start,
                         config,
                     )
-                    cell = state["cells"][f"{row}@{sigma:g}"]
+                    cell = state[f"{row}@{sigma:g}"]
                     cell["seconds"] += time.perf_counter() - begin
                     cell["images"] = len(records)
                     write_tsv(records, _cell_file(out, row, sigma))
-                    atomic_write_json(state_path, state)
+                    atomic_write_json(_cell_state_file(out, row, sigma), cell)
                     bar.update(stop - start)
                 if stopped_early:
                     break
@@ -295,7 +309,7 @@ def report(
     config: DemoConfig,
     context: DemoContext,
     cells: dict[tuple[str, float], list[CertificateRecord]],
-    state: dict[str, Any],
+    state: dict[str, dict[str, Any]],
     args: argparse.Namespace,
     stopped_early: bool,
     session_seconds: float,
@@ -305,7 +319,7 @@ def report(
     throughput = {}
     remaining = 0.0
     for (row, sigma), group in cells.items():
-        cell = state["cells"][f"{row}@{sigma:g}"]
+        cell = state[f"{row}@{sigma:g}"]
         per_image = cell["seconds"] / cell["images"] if cell["images"] else None
         throughput[f"{row}@{sigma:g}"] = {
             "images": cell["images"],
