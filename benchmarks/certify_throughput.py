@@ -55,7 +55,6 @@ def make_cnn(seed: int) -> nn.Module:
     )
 
 
-
 def naive_certify(model, x, *, n0, n, sigma, alpha, batch_size, generator, num_classes=10):
     """Cohen et al.'s reference structure: one image at a time, each image's samples in its own batches."""
 
@@ -153,7 +152,6 @@ def render_section(results: dict) -> str:
             " meaningful.",
         ]
     return "\n".join(lines)
-
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -94,7 +94,10 @@ def render(result: dict) -> str:
             if sigma in accuracy.get(row, {}):
                 cells = " | ".join(f"{100 * a:.0f}" for a in accuracy[row][sigma])
                 lines.append(f"| {sigma} | {ROW_TITLES[row]} | {cells} |")
-    lines += ["", f"Reproduce: `python benchmarks/demo_time.py` (runs `{result['command']}` cold, then warm)."]
+    lines += [
+        "",
+        f"Reproduce: `python benchmarks/demo_time.py` (runs `{result['command']}` cold, then warm).",
+    ]
     return "\n".join(lines)
 
 

@@ -65,7 +65,6 @@ MODELS = {"ddpm-cifar10-32 shape": (DDPM_CIFAR10, 16), "small": (SMALL, 64)}
 VARIANTS = ("fp32", "channels_last", "torch.compile")
 
 
-
 def _build(config: dict, variant: str) -> DiffusionDenoiser:
     torch.manual_seed(0)
     unet = UNet2DModel(**config).eval()
@@ -176,7 +175,6 @@ def _section(report: dict) -> str:
         " and this section).",
     ]
     return "\n".join(lines)
-
 
 
 def main() -> None:

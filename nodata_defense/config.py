@@ -35,7 +35,9 @@ class SynthesisConfig(_Config):
     )
     num_inference_steps: int = Field(100, ge=1, description="Sampling steps (IF: of stage I; paper: 100).")
     image_size: int | None = Field(
-        None, ge=1, description="Resize outputs to this side (shorter side + centre crop); None keeps the model's."
+        None,
+        ge=1,
+        description="Resize outputs to this side (shorter side + centre crop); None keeps the model's.",
     )
     batch_size: int = Field(4, ge=1, description="Images per generator call; memory only where seeds allow.")
     free_stage_one: bool = Field(

@@ -94,7 +94,9 @@ class DemoConfig(BaseModel):
     )
     n0: int = Field(40, ge=1, description="Selection samples of CERTIFY.")
     n: int = Field(
-        320, ge=1, description="Estimation samples of CERTIFY (320 at alpha = 0.001 reaches radius 2.03 sigma)."
+        320,
+        ge=1,
+        description="Estimation samples of CERTIFY (320 at alpha = 0.001 reaches radius 2.03 sigma).",
     )
     alpha: float = Field(0.001, gt=0, lt=1)
     batch_size: int = Field(

@@ -25,7 +25,10 @@ from nodata_defense.zoo.models import DIGIT_CNN_DIR  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The bundled diffusion models: (path getter, largest size in bytes).
-DIFFUSION_MODELS = {"digits-t2i": (digit_t2i_path, 10_000_000), "digits-denoiser": (digit_denoiser_path, 3_000_000)}
+DIFFUSION_MODELS = {
+    "digits-t2i": (digit_t2i_path, 10_000_000),
+    "digits-denoiser": (digit_denoiser_path, 3_000_000),
+}
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -1,0 +1,117 @@
+"""benchmarks/quality.py at tiny sizes: per-cell files, resuming, refusing other settings, and σ
+values run by separate processes (here: separate calls) meeting in one report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ROWS = ("gaussian", "denoiser", "personalized", "full_method", "full_data")
+TINY = [
+    "--n0", "10",
+    "--n", "20",
+    "--shots", "1",
+    "--synthesis-steps", "2",
+    "--steps", "2",
+    "--personalize-batch-size", "4",
+    "--adapt-epochs", "1",
+    "--full-data-per-class", "1",
+    "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCHMARKS))  # quality.py imports its sibling _report
+    try:
+        spec = importlib.util.spec_from_file_location("quality_benchmark", BENCHMARKS / "quality.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _run(quality, tmp_path: Path, *args: str) -> int:
+    readme = tmp_path / "README.md"
+    if not readme.exists():
+        readme.write_text("# x\n\n<!-- quality:start -->\nold\n<!-- quality:end -->\n\nkept\n")
+    return quality.main(
+        [
+            *TINY,
+            *args,
+            "--out-dir",
+            str(tmp_path / "results"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--json",
+            str(tmp_path / "quality.json"),
+            "--markdown",
+            str(tmp_path / "quality.md"),
+            "--png",
+            str(tmp_path / "quality.png"),
+            "--readme",
+            str(readme),
+        ]
+    )
+
+
+def _cell(tmp_path: Path, row: str, sigma: str) -> tuple[list[str], dict]:
+    base = tmp_path / "results" / f"certificates-{row}-sigma{sigma}"
+    lines = Path(f"{base}.tsv").read_text().splitlines()
+    return lines, json.loads(Path(f"{base}.json").read_text())
+
+
+def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, tmp_path, capsys):
+    assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "2") == 0
+    first = {}
+    for row in ROWS:
+        lines, state = _cell(tmp_path, row, "0.5")
+        assert len(lines) == 1 + 2  # header + one certificate per test image
+        assert state["images"] == 2 and state["seconds"] > 0
+        assert state["settings"]["row"] == row and state["settings"]["n"] == 20
+        first[row] = lines
+
+    # More test images: the cells continue, and hold what a fresh run with that many would (the
+    # tiny settings put every image in one chunk, so the cut-short chunk is certified again whole).
+    assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "3") == 0
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "work").symlink_to(tmp_path / "work")  # the same fitted models
+    assert _run(quality, fresh, "--sigmas", "0.5", "--n-test", "3") == 0
+    for row in ROWS:
+        lines, state = _cell(tmp_path, row, "0.5")
+        assert len(lines) == 1 + 3 and state["images"] == 3
+        assert lines == _cell(fresh, row, "0.5")[0]
+        first[row] = lines
+
+    # Another σ, as a separate process would run it, leaves the σ = 0.5 cells untouched.
+    assert _run(quality, tmp_path, "--sigmas", "0.25", "--n-test", "3") == 0
+    for row in ROWS:
+        assert _cell(tmp_path, row, "0.5")[0] == first[row]
+        assert len(_cell(tmp_path, row, "0.25")[0]) == 1 + 3
+
+    # A run that certifies nothing reports every σ, and rewrites only README's quality section.
+    capsys.readouterr()
+    assert _run(quality, tmp_path, "--sigmas", "0.25", "0.5", "--n-test", "3", "--max-minutes", "0") == 0
+    summary = json.loads((tmp_path / "quality.json").read_text())
+    assert summary["complete"] is True
+    assert set(summary["cells"]) == {f"{row}@{s}" for row in ROWS for s in ("0.25", "0.5")}
+    assert all(cell["images"] == 3 for cell in summary["cells"].values())
+    assert {c["sigma"] for c in summary["paired_comparisons"]} == {0.25, 0.5}
+    readme = (tmp_path / "README.md").read_text()
+    assert "old" not in readme and readme.endswith("\n\nkept\n") and "complete: 3 test images" in readme
+    assert "| 0.25 |" in (tmp_path / "quality.md").read_text()
+
+    # Other settings for an existing cell: refused with the file named, or discarded on --restart.
+    assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "3", "--n", "30") == 2
+    assert "was made with other settings" in capsys.readouterr().err
+    assert _cell(tmp_path, "gaussian", "0.5")[0] == first["gaussian"]
+    assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "1", "--n", "30", "--restart") == 0
+    lines, state = _cell(tmp_path, "gaussian", "0.5")
+    assert len(lines) == 1 + 1 and state["settings"]["n"] == 30 and state["images"] == 1
