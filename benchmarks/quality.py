@@ -293,6 +293,71 @@ def paired_markdown(comparisons: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Where a row's certificates come from: how often it predicts each class (a denoiser that turns
+# most noisy digits into one class certifies that class's test images with large radii), and which
+# true classes it certifies at a large radius.
+CLASS_RADIUS = 1.5
+
+
+def class_breakdown(
+    cells: dict[tuple[str, float], list[CertificateRecord]], config: DemoConfig, num_classes: int = 10
+) -> list[dict[str, Any]]:
+    out = []
+    for sigma in config.sigmas:
+        for row in config.rows:
+            group = cells.get((row, sigma), [])
+            if not group:
+                continue
+            out.append(
+                {
+                    "sigma": sigma,
+                    "row": row,
+                    "images": len(group),
+                    "predicted": [sum(r.prediction == c for r in group) for c in range(num_classes)],
+                    "abstained": sum(r.prediction < 0 for r in group),
+                    "radius": CLASS_RADIUS,
+                    "certified_by_class": [
+                        sum(r.label == c and r.correct and r.radius >= CLASS_RADIUS for r in group)
+                        for c in range(num_classes)
+                    ],
+                    "images_by_class": [sum(r.label == c for r in group) for c in range(num_classes)],
+                }
+            )
+    return out
+
+
+def class_markdown(breakdown: list[dict[str, Any]]) -> str:
+    """Two tables: predictions per class (and abstentions), then certificates at ``CLASS_RADIUS``
+    per true class, each row of a table one (σ, row) cell."""
+    if not breakdown:
+        return ""
+    classes = range(len(breakdown[0]["predicted"]))
+    columns = " | ".join(str(c) for c in classes)
+    rule = "|---|---|---:|" + "---:|" * len(classes)
+    predicted = [f"| σ | row | images | {columns} | abstained |", rule + "---:|"]
+    certified = [f"| σ | row | images | {columns} |", rule]
+    for b in breakdown:
+        cell = f"| {b['sigma']:g} | {ROW_TITLES[b['row']]} | {b['images']} | "
+        predicted.append(cell + " | ".join(map(str, b["predicted"])) + f" | {b['abstained']} |")
+        certified.append(cell + " | ".join(map(str, b["certified_by_class"])) + " |")
+    test_digits = " · ".join(
+        f"{c}: {n}" for c, n in zip(classes, breakdown[-1]["images_by_class"], strict=True)
+    )
+    return "\n".join(
+        [
+            "Predicted class of each test digit (the smoothed prediction; columns are classes 0–9):",
+            "",
+            *predicted,
+            "",
+            f"Test digits certified correctly with radius ≥ {CLASS_RADIUS:g}, by their true class (test digits"
+            f" per class in the last cell: {test_digits}):",
+            "",
+            *certified,
+            "",
+        ]
+    )
+
+
 def _settings_arguments() -> list[str]:
     """This run's command-line arguments without those that only pace or quiet it, so the command
     quoted in the report is the one that reproduces (and continues) the results."""
@@ -334,6 +399,7 @@ def report(
             remaining += per_image * (config.n_test - len(group))
     unmeasured = [key for key, t in throughput.items() if t["images"] == 0]
     comparisons = paired_comparison(cells, config)
+    classes = class_breakdown(cells, config)
     complete = all(len(group) >= config.n_test for group in cells.values())
     accuracy, counts = accuracy_table(records, config) if records else ({}, {})
     seconds = {**context.seconds, "this session": session_seconds}
@@ -345,6 +411,7 @@ def report(
         "estimated_seconds_to_finish": None if unmeasured else round(remaining),
         "cells_without_timing": unmeasured,
         "paired_comparisons": comparisons,
+        "classes": classes,
         "machine": {"torch_threads": torch.get_num_threads(), "platform": sys.platform},
     }
     atomic_write_json(args.json, summary(accuracy, counts, records, config, seconds, **extra))
@@ -388,6 +455,7 @@ def report(
         " or by row B only; the p-value is the exact two-sided sign test of those discordant images):",
         "",
         paired_markdown(comparisons),
+        class_markdown(classes),
         "Measured cost per test image (seconds, this machine, all sessions): "
         + ", ".join(
             f"{key} {t['seconds_per_image']}"

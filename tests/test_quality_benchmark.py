@@ -104,6 +104,14 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     assert set(summary["cells"]) == {f"{row}@{s}" for row in ROWS for s in ("0.25", "0.5")}
     assert all(cell["images"] == 3 for cell in summary["cells"].values())
     assert {c["sigma"] for c in summary["paired_comparisons"]} == {0.25, 0.5}
+    assert len(summary["classes"]) == 2 * len(ROWS)
+    for cell in summary["classes"]:
+        assert (
+            sum(cell["predicted"]) + cell["abstained"] == cell["images"] == sum(cell["images_by_class"]) == 3
+        )
+        assert all(
+            0 <= c <= n for c, n in zip(cell["certified_by_class"], cell["images_by_class"], strict=True)
+        )
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and readme.endswith("\n\nkept\n") and "complete: 3 test images" in readme
     assert "| 0.25 |" in (tmp_path / "quality.md").read_text()
