@@ -19,6 +19,19 @@ from transformers import CLIPTextModel, PreTrainedTokenizerFast
 CLASS_NAMES = ["zero", "one", "two"]
 WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "this", "is", "a", "photo", "of", *CLASS_NAMES]
 MAX_LENGTH = 8
+# Command-line options that run every stage of the digits demo (and of benchmarks/quality.py) at
+# the smallest sizes that still exercise it.
+TINY_DEMO_OPTIONS = [
+    "--n0", "10",
+    "--n", "20",
+    "--shots", "1",
+    "--synthesis-steps", "2",
+    "--steps", "2",
+    "--personalize-batch-size", "4",
+    "--adapt-epochs", "1",
+    "--full-data-per-class", "1",
+    "--quiet",
+]  # fmt: skip
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

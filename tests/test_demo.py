@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from robust_fixtures import TINY_DEMO_OPTIONS
 
 from nodata_defense import cli
 from nodata_defense.demo import (
@@ -25,20 +26,7 @@ from nodata_defense.demo import (
 from nodata_defense.zoo import DIGIT_CLASS_NAMES, load_digits
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-# Every stage runs, at the smallest sizes that still exercise it.
-TINY = [
-    "--sigmas", "0.5",
-    "--n-test", "10",
-    "--n0", "10",
-    "--n", "20",
-    "--shots", "1",
-    "--synthesis-steps", "2",
-    "--steps", "2",
-    "--personalize-batch-size", "4",
-    "--adapt-epochs", "1",
-    "--full-data-per-class", "1",
-    "--quiet",
-]  # fmt: skip
+TINY = ["--sigmas", "0.5", "--n-test", "10", *TINY_DEMO_OPTIONS]
 
 
 def test_demo_end_to_end_through_the_cli(tmp_path, capsys):

@@ -9,20 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from robust_fixtures import TINY_DEMO_OPTIONS
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ROWS = ("gaussian", "denoiser", "personalized", "full_method", "full_data")
-TINY = [
-    "--n0", "10",
-    "--n", "20",
-    "--shots", "1",
-    "--synthesis-steps", "2",
-    "--steps", "2",
-    "--personalize-batch-size", "4",
-    "--adapt-epochs", "1",
-    "--full-data-per-class", "1",
-    "--quiet",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,7 @@ def _run(quality, tmp_path: Path, *args: str) -> int:
         readme.write_text("# x\n\n<!-- quality:start -->\nold\n<!-- quality:end -->\n\nkept\n")
     return quality.main(
         [
-            *TINY,
+            *TINY_DEMO_OPTIONS,
             *args,
             "--out-dir",
             str(tmp_path / "results"),
