@@ -465,7 +465,9 @@ def report(
         + ".",
         "",
         (
-            f"Estimated time to finish at the measured rates: {eta / 3600:.1f} h."
+            f"Estimated time to finish at the measured rates: {eta / 3600:.1f} h of one process (the sum over"
+            " cells of seconds per image × images left; processes for different σ share it out, but each"
+            " one runs slower while they share the cores)."
             if eta is not None and not complete
             else ""
         ),
