@@ -34,8 +34,7 @@ from nodata_defense._io import atomic_write_json
 from nodata_defense.adapt import adapt_classifier
 from nodata_defense.demo import DemoContext, config_from_args, stratified_order
 from nodata_defense.denoiser import DenoisedClassifier
-from nodata_defense.synthesis import synthesize
-from nodata_defense.zoo import DIGIT_CLASS_NAMES, load_digits
+from nodata_defense.zoo import load_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV_POSITIONS = (500, 1500)
@@ -83,17 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = stratified_order()[DEV_POSITIONS[0] : DEV_POSITIONS[1]]
     images, labels = test.images[dev], test.labels[dev]
     classifier = context.classifier
+    original_clean = clean_accuracy(classifier, images, labels)
     rows = []
     for sigma in args.sigmas:
         fitted = context.fit(sigma, "synthetic")
         fit_config = config.robustifier_config(sigma, "synthetic")
-        references = synthesize(
-            DIGIT_CLASS_NAMES,
-            context.references_source("synthetic"),
-            fit_config.synthesis,
-            cache_dir=config.work_path / "references-synthetic",
-        )
-        original_clean = clean_accuracy(classifier, images, labels)
+        references = context.references(sigma, "synthetic")
         for name, model in (
             ("off-the-shelf denoiser", DenoisedClassifier(context.base_denoiser(), classifier, sigma)),
             ("personalized denoiser, no adaptation", DenoisedClassifier(fitted.denoiser, classifier, sigma)),

@@ -63,6 +63,7 @@ from nodata_defense.demo import (
     summary,
     write_tsv,
 )
+from nodata_defense.smoothing import ABSTAIN
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -314,7 +315,7 @@ def class_breakdown(
                     "row": row,
                     "images": len(group),
                     "predicted": [sum(r.prediction == c for r in group) for c in range(num_classes)],
-                    "abstained": sum(r.prediction < 0 for r in group),
+                    "abstained": sum(r.prediction == ABSTAIN for r in group),
                     "radius": CLASS_RADIUS,
                     "certified_by_class": [
                         sum(r.label == c and r.correct and r.radius >= CLASS_RADIUS for r in group)

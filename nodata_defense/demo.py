@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from .config import AdaptConfig, PersonalizeConfig, RobustifierConfig, Synthesis
 from .denoiser import DenoisedClassifier, DiffusionDenoiser
 from .robust_model import RobustModel
 from .smoothing import ABSTAIN, SmoothedClassifier
+
+if TYPE_CHECKING:
+    from .synthesis import ReferenceSet
 
 Row = Literal["gaussian", "denoiser", "personalized", "full_method", "full_data"]
 ROWS: tuple[str, ...] = get_args(Row)
@@ -477,10 +480,32 @@ class DemoContext:
             "classifier_sha256": self.classifier_digest,
         }
 
+    def _references_dir(self, kind: str) -> Path:
+        return self.config.work_path / f"references-{kind}"
+
+    def references(self, sigma: float, kind: str, source: Any = None) -> ReferenceSet:
+        """The ``kind`` references of the fit at ``sigma``, from the shared cache in ``work_dir``.
+
+        Synthesis is the same at every σ, so it runs once per kind into that cache.
+        """
+        from .synthesis import synthesize
+        from .zoo import DIGIT_CLASS_NAMES
+
+        started = time.perf_counter()
+        references = synthesize(
+            DIGIT_CLASS_NAMES,
+            self.references_source(kind) if source is None else source,
+            self.config.robustifier_config(sigma, kind).synthesis.model_copy(
+                update={"show_progress": self.config.show_progress}
+            ),
+            cache_dir=self._references_dir(kind),
+        )
+        self.seconds[f"references {kind} sigma={sigma:g}"] = time.perf_counter() - started
+        return references
+
     def fit(self, sigma: float, kind: str) -> RobustModel:
         """The fitted ``RobustModel`` at ``sigma`` on ``kind`` references, from ``work_dir`` if cached there."""
         from .robustifier import Robustifier
-        from .synthesis import synthesize
         from .zoo import DIGIT_CLASS_NAMES
 
         config = self.config
@@ -505,20 +530,11 @@ class DemoContext:
         atomic_write_json(fingerprint_file, fingerprint)
         fit_config = config.robustifier_config(sigma, kind)
         source = self.references_source(kind)
-
-        # Synthesis is the same at every σ: run it once per kind into a shared cache, then seed each
-        # fit's own cache with it (the cache validates every entry, so a copy is always safe).
-        shared = config.work_path / f"references-{kind}"
-        started = time.perf_counter()
-        synthesize(
-            DIGIT_CLASS_NAMES,
-            source,
-            fit_config.synthesis.model_copy(update={"show_progress": config.show_progress}),
-            cache_dir=shared,
-        )
-        self.seconds[f"references {kind} sigma={sigma:g}"] = time.perf_counter() - started
+        self.references(sigma, kind, source)
+        # Seed the fit's own cache with the shared one (the cache validates every entry, so a copy
+        # is always safe).
         if not (directory / "fit" / "references").exists():
-            shutil.copytree(shared, directory / "fit" / "references")
+            shutil.copytree(self._references_dir(kind), directory / "fit" / "references")
 
         started = time.perf_counter()
         robust = Robustifier(
