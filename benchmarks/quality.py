@@ -234,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Which rows are compared image by image, and at which radii (the method against its baselines).
-PAIRS = (("full_method", "denoiser"), ("personalized", "denoiser"), ("full_method", "personalized"))
+PAIRS = (
+    ("full_method", "denoiser"),
+    ("personalized", "denoiser"),
+    ("full_method", "personalized"),
+    ("full_method", "full_data"),
+)
 PAIRED_RADII = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
@@ -359,6 +364,77 @@ def class_markdown(breakdown: list[dict[str, Any]]) -> str:
     )
 
 
+# Names of the rows inside a sentence.
+_SHORT_NAMES = {
+    "gaussian": "plain classifier",
+    "denoiser": "off-the-shelf denoiser",
+    "personalized": "self-personalized denoiser",
+    "full_method": "full method",
+    "full_data": "full-data reference",
+}
+# A difference counts as beyond noise when its exact sign test gives p below this.
+NOISE_P = 0.05
+
+
+def findings(comparisons: list[dict[str, Any]], classes: list[dict[str, Any]]) -> list[str]:
+    """The sentences README reads the benchmark by, computed from the paired comparisons and the
+    class tables so that they follow the data as the run grows: the full method against the
+    off-the-shelf denoiser and against the full-data reference at the largest σ, every cell where it
+    is behind the denoiser beyond noise, and how concentrated each denoising row's predictions are."""
+    if not comparisons:
+        return []
+    by_key = {(c["sigma"], c["a"], c["b"], c["radius"]): c for c in comparisons}
+    top = max(c["sigma"] for c in comparisons)
+
+    def versus(c: dict[str, Any]) -> str:
+        return (
+            f"σ = {c['sigma']:g}, r = {c['radius']:g}: {_SHORT_NAMES[c['a']]} {c['a_percent']:.1f} % vs"
+            f" {_SHORT_NAMES[c['b']]} {c['b_percent']:.1f} % on the same {c['images']} digits"
+            f" ({c['only_a']} certified only by the {_SHORT_NAMES[c['a']]}, {c['only_b']} only by the"
+            f" {_SHORT_NAMES[c['b']]}; sign-test p = {c['p_value']:.2g})."
+        )
+
+    out = [
+        versus(by_key[key])
+        for key in (
+            (top, "full_method", "denoiser", 1.0),
+            (top, "full_method", "denoiser", 0.0),
+            (top, "full_method", "full_data", 1.0),
+            (top, "full_method", "full_data", 0.0),
+        )
+        if key in by_key
+    ]
+    against_denoiser = [c for c in comparisons if (c["a"], c["b"]) == ("full_method", "denoiser")]
+    if against_denoiser:
+        behind = [c for c in against_denoiser if c["only_b"] > c["only_a"] and c["p_value"] < NOISE_P]
+        out.append(
+            f"Cells where the full method is behind the off-the-shelf denoiser with sign-test p < {NOISE_P:g}:"
+            + (
+                " "
+                + "; ".join(
+                    f"σ = {c['sigma']:g}, r = {c['radius']:g} ({c['only_a']} vs {c['only_b']})"
+                    for c in behind
+                )
+                if behind
+                else f" none of {len(against_denoiser)} (σ, r) cells"
+            )
+            + "."
+        )
+    for b in classes:
+        if b["sigma"] != top or b["row"] == "gaussian":
+            continue
+        common = max(range(len(b["predicted"])), key=b["predicted"].__getitem__)
+        certified = sum(b["certified_by_class"])
+        out.append(
+            f"σ = {top:g}, {_SHORT_NAMES[b['row']]}: its most frequent prediction is {common}, for"
+            f" {b['predicted'][common]} of the {b['images']} test digits ({b['images_by_class'][common]} of the"
+            f" {b['images']} are {common}s);"
+            f" {b['certified_by_class'][common]} of its {certified} correct certificates at r ≥ {b['radius']:g}"
+            f" are {common}s."
+        )
+    return out
+
+
 def _settings_arguments() -> list[str]:
     """This run's command-line arguments without those that only pace or quiet it, so the command
     quoted in the report is the one that reproduces (and continues) the results."""
@@ -401,6 +477,8 @@ def report(
     unmeasured = [key for key, t in throughput.items() if t["images"] == 0]
     comparisons = paired_comparison(cells, config)
     classes = class_breakdown(cells, config)
+    key_findings = findings(comparisons, classes)
+    findings_markdown = "".join(f"- {line}\n" for line in key_findings)
     complete = all(len(group) >= config.n_test for group in cells.values())
     accuracy, counts = accuracy_table(records, config) if records else ({}, {})
     seconds = {**context.seconds, "this session": session_seconds}
@@ -413,6 +491,7 @@ def report(
         "cells_without_timing": unmeasured,
         "paired_comparisons": comparisons,
         "classes": classes,
+        "findings": key_findings,
         "machine": {"torch_threads": torch.get_num_threads(), "platform": sys.platform},
     }
     atomic_write_json(args.json, summary(accuracy, counts, records, config, seconds, **extra))
@@ -443,6 +522,9 @@ def report(
         f"Status: **{status}**.",
         "",
         markdown_table(accuracy, config.radii, config.sigmas, config.rows, counts),
+        "Key comparisons (computed from the tables below):",
+        "",
+        findings_markdown,
         "Rows: " + "; ".join(f"*{ROW_TITLES[r]}*" for r in config.rows) + ". Fits: "
         f"{config.shots_per_class} synthetic references per class ({config.synthesis_steps} DDIM steps),"
         f" {config.personalize_steps} personalization steps (batch {config.personalize_batch_size}, lr"
@@ -495,6 +577,11 @@ def report(
                     " stratified order; the last column is the number of test digits behind each row.",
                     "",
                     markdown_table(accuracy, config.radii, config.sigmas, config.rows, counts),
+                    *(
+                        ["Key comparisons on the same test digits:", "", findings_markdown]
+                        if key_findings
+                        else []
+                    ),
                     f"Details, cost and how to continue the run: [{_shown(args.markdown)}]({_shown(args.markdown)}).",
                 ]
             ),

@@ -95,6 +95,7 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     assert all(cell["images"] == 3 for cell in summary["cells"].values())
     assert {c["sigma"] for c in summary["paired_comparisons"]} == {0.25, 0.5}
     assert len(summary["classes"]) == 2 * len(ROWS)
+    assert any(line.startswith("Cells where the full method is behind") for line in summary["findings"])
     for cell in summary["classes"]:
         assert (
             sum(cell["predicted"]) + cell["abstained"] == cell["images"] == sum(cell["images_by_class"]) == 3
@@ -113,3 +114,46 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "1", "--n", "30", "--restart") == 0
     lines, state = _cell(tmp_path, "gaussian", "0.5")
     assert len(lines) == 1 + 1 and state["settings"]["n"] == 30 and state["images"] == 1
+
+
+def test_findings_follow_the_paired_counts_and_class_tables(quality):
+    from types import SimpleNamespace
+
+    from nodata_defense.demo import CertificateRecord
+
+    def cell(row, sigma, prediction_radius):
+        return [CertificateRecord(row, sigma, i, i, *prediction_radius(i), 0.9, 10) for i in range(10)]
+
+    cells = {
+        # σ = 1: the denoiser turns every digit into an 8 (correct, with a large radius, only for the
+        # real 8); the full method certifies every digit with radius 1.
+        ("denoiser", 1.0): cell("denoiser", 1.0, lambda i: (8, 2.0 if i == 8 else 0.3)),
+        ("full_method", 1.0): cell("full_method", 1.0, lambda i: (i, 1.0)),
+        # σ = 0.5: the full method abstains everywhere, the denoiser certifies every digit at 0.6.
+        ("denoiser", 0.5): cell("denoiser", 0.5, lambda i: (i, 0.6)),
+        ("full_method", 0.5): cell("full_method", 0.5, lambda i: (-1, 0.0)),
+    }
+    config = SimpleNamespace(sigmas=(0.5, 1.0), rows=("denoiser", "full_method"))
+    comparisons = quality.paired_comparison(cells, config)
+    lines = quality.findings(comparisons, quality.class_breakdown(cells, config))
+
+    assert lines[0] == (
+        "σ = 1, r = 1: full method 100.0 % vs off-the-shelf denoiser 10.0 % on the same 10 digits"
+        " (9 certified only by the full method, 0 only by the off-the-shelf denoiser; sign-test p = 0.0039)."
+    )
+    assert lines[1].startswith("σ = 1, r = 0: full method 100.0 % vs off-the-shelf denoiser 10.0 %")
+    # No full-data row: no sentence about it. Behind beyond noise: σ = 0.5 at r = 0 and 0.5 (0 vs 10,
+    # p = 0.002), not σ = 1 at r = 1.5 and 2 (0 vs 1, p = 1).
+    assert not any("full-data" in line for line in lines)
+    assert lines[2] == (
+        "Cells where the full method is behind the off-the-shelf denoiser with sign-test p < 0.05:"
+        " σ = 0.5, r = 0 (0 vs 10); σ = 0.5, r = 0.5 (0 vs 10)."
+    )
+    assert lines[3] == (
+        "σ = 1, off-the-shelf denoiser: its most frequent prediction is 8, for 10 of the 10 test digits"
+        " (1 of the 10 are 8s); 1 of its 1 correct certificates at r ≥ 1.5 are 8s."
+    )
+    assert lines[4].startswith("σ = 1, full method: its most frequent prediction is 0, for 1 of the 10")
+    assert lines[4].endswith("0 of its 0 correct certificates at r ≥ 1.5 are 0s.")
+    assert len(lines) == 5
+    assert quality.findings([], []) == []
