@@ -330,6 +330,20 @@ def export(out: Path, ema: TextToImage, tokenizer, scheduler, info: dict) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _training_data(info: dict) -> str:
+    if info.get("style", "handwritten") == "printed":
+        return (
+            f"Trained from scratch on {10 * info['printed_per_class']:,} printed digits rendered from the fonts"
+            " matplotlib ships (`scripts/printed_digits.py`): no handwritten digit, a style unlike the"
+            " bundled classifier's data."
+        )
+    return (
+        'Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only'
+        " (1,500 real MNIST digits, 150 per class), disjoint from the bundled classifier's data and from"
+        " the test split."
+    )
+
+
 def readme(name: str, info: dict) -> str:
     role = (
         "the embedded default off-the-shelf denoiser (the generator is the larger `digits-t2i`)"
@@ -339,9 +353,7 @@ def readme(name: str, info: dict) -> str:
     return f"""# {name}: a tiny text-to-image pixel diffusion model for 28×28 digits
 
 Bundled with nodata-defense as {role}. UNet channels {tuple(info["channels"])},
-{info["unet_parameters"]:,} parameters. Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only
-(1,500 real MNIST digits, 150 per class), disjoint from the bundled classifier's data and from
-the test split. See `docs/zoo.md` and `training_log.json`.
+{info["unet_parameters"]:,} parameters. {_training_data(info)} See `docs/zoo.md` and `training_log.json`.
 
 Layout (diffusers pipeline directory, one folder per component):
 
@@ -546,6 +558,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention-heads", type=int, default=4)
     p.add_argument("--text-hidden", type=int, default=64)
     p.add_argument("--beta-schedule", default="squaredcos_cap_v2", choices=["squaredcos_cap_v2", "linear"])
+    p.add_argument(
+        "--style",
+        choices=["handwritten", "printed"],
+        default="handwritten",
+        help="training images: the real 'generator' split, or digits rendered from fonts"
+        " (scripts/printed_digits.py), a style unlike the classifier's handwritten digits",
+    )
+    p.add_argument("--printed-per-class", type=int, default=500, help="with --style printed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -596,6 +616,9 @@ def main(argv: list[str] | None = None) -> None:
     hyper = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _NON_TRAINING
     }
+    if args.style == "handwritten":
+        # Runs from before --style existed keep their fingerprint, so they still resume and export.
+        del hyper["style"], hyper["printed_per_class"]
     run_id = fingerprint(hyper)
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
@@ -623,7 +646,12 @@ def main(argv: list[str] | None = None) -> None:
     if start:
         print(f"resumed from step {start}", flush=True)
 
-    data = load_digits("generator")
+    if args.style == "printed":
+        from printed_digits import render_printed_digits  # beside this script
+
+        data = render_printed_digits(args.printed_per_class, seed=args.seed)
+    else:
+        data = load_digits("generator")
     table, empty_ids, _ = prompt_table(tokenizer)
     alphas = scheduler.alphas_cumprod.to(torch.float32)
     model.train()
@@ -695,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
     log = {
         "command": command,
         "seed": args.seed,
-        "train_split": "generator",
+        "train_split": "generator" if args.style == "handwritten" else "printed (rendered fonts)",
         "train_size": len(data),
         "hyperparameters": hyper,
         "run_id": run_id,

@@ -1,0 +1,72 @@
+"""benchmarks/style_shift.py's comparison with the in-domain demo: only under the same settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from nodata_defense.demo import DemoConfig
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def style_shift():
+    sys.path.insert(0, str(BENCHMARKS))  # it imports its siblings _report and quality
+    try:
+        spec = importlib.util.spec_from_file_location("style_shift_benchmark", BENCHMARKS / "style_shift.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _in_domain_run(tmp_path: Path, **changes) -> Path:
+    settings = {**DemoConfig(out_dir="/elsewhere").model_dump(mode="json"), **changes}
+    accuracy = {"denoiser": {"1": [0.5, 0.25]}, "full_method": {"1": [0.75, 0.5]}}
+    path = tmp_path / "demo_time.json"
+    path.write_text(json.dumps({"cold": {"settings": settings, "certified_accuracy": accuracy}}))
+    return path
+
+
+def test_in_domain_rows_are_compared_only_under_the_same_settings(style_shift, tmp_path):
+    printed = DemoConfig(
+        sigmas=(1.0,), rows=("denoiser", "full_method"), generator="g", denoiser="g", out_dir="o"
+    ).model_dump(mode="json")
+    accuracy, missing = style_shift._in_domain(_in_domain_run(tmp_path), printed)
+    assert missing == "" and accuracy["full_method"]["1"] == [0.75, 0.5]
+
+    accuracy, missing = style_shift._in_domain(_in_domain_run(tmp_path, n=640, seed=3), printed)
+    assert accuracy == {} and missing == "the in-domain run used other settings (n, seed)"
+    accuracy, missing = style_shift._in_domain(_in_domain_run(tmp_path, generator="other"), printed)
+    assert accuracy == {} and "generator" in missing
+    accuracy, missing = style_shift._in_domain(tmp_path / "absent.json", printed)
+    assert accuracy == {} and missing.startswith("no in-domain run at")
+
+
+def test_report_puts_both_generators_side_by_side(style_shift, tmp_path):
+    settings = DemoConfig(sigmas=(1.0,), rows=("denoiser", "full_method"), radii=(0.0, 1.0)).model_dump(
+        mode="json"
+    )
+    result = {
+        "measured_at_utc": "2026-12-02 01:00",
+        "machine": {"cpu": "cpu", "torch": "2.13.0", "torch_threads": 2},
+        "command": "python benchmarks/style_shift.py",
+        "seconds": 600.0,
+        "settings": settings,
+        "printed": {"denoiser": {"1": [0.2, 0.1]}, "full_method": {"1": [0.6, 0.3]}},
+        "in_domain": {"denoiser": {"1": [0.5, 0.25]}, "full_method": {"1": [0.75, 0.5]}},
+        "in_domain_missing": "",
+        "generator_evaluation": {"handwritten": {}, "printed": {}},
+        "paired_comparisons": [],
+    }
+    text = style_shift.render(result)
+    assert "| 1 | + off-the-shelf denoiser | handwritten | 50 | 25 |" in text
+    assert "| 1 | + off-the-shelf denoiser | printed | 20 | 10 |" in text
+    assert "| 1 | + classifier adaptation (full method) | printed | 60 | 30 |" in text
+    assert "No handwritten rows" not in text and "(10 minutes here" in text
