@@ -31,3 +31,17 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write_text(path, text)
+
+
+def reproducing_arguments(argv: list[str], *, valued: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options that only pace or quiet a run (``valued`` ones take a value,
+    as ``--opt v`` or ``--opt=v``; ``flags`` take none), so a quoted command reproduces its results."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in valued:
+            skip = True
+        elif not (arg in flags or arg.split("=", 1)[0] in valued):
+            kept.append(arg)
+    return kept

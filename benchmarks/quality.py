@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _report import write_section
+from _report import reproducing_arguments, write_section
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
@@ -439,15 +439,7 @@ def _settings_arguments() -> list[str]:
     """This run's command-line arguments without those that only pace or quiet it, so the command
     quoted in the report is the one that reproduces (and continues) the results."""
     argv = sys.argv[1:] if sys.argv[0].endswith("quality.py") else []
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--max-minutes":
-            skip = True
-        elif not (arg.startswith("--max-minutes=") or arg in ("--quiet", "--restart")):
-            kept.append(arg)
-    return kept
+    return reproducing_arguments(argv, valued=("--max-minutes",), flags=("--quiet", "--restart"))
 
 
 def report(

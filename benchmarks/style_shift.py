@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _report import cpu_name, write_section
+from _report import cpu_name, reproducing_arguments, write_section
 from quality import paired_comparison
 
 from nodata_defense._io import atomic_write_json
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "style_shift.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "demo.md")
     p.add_argument("--in-domain", type=Path, default=IN_DOMAIN, help="demo_time.json of the in-domain demo")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "unet").is_dir():
         print(f"no printed-digit model at {args.model}; train it first:\n  {TRAIN_COMMAND}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = DemoConfig(
         sigmas=tuple(args.sigmas),
         rows=tuple(args.rows),
@@ -172,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         cells.setdefault((record.row, record.sigma), []).append(record)
     argv_shown = sys.argv[1:] if argv is None else argv
     result = {
-        "command": " ".join(["python benchmarks/style_shift.py", *(a for a in argv_shown if a != "--quiet")]),
+        "command": " ".join(
+            [
+                "python benchmarks/style_shift.py",
+                *reproducing_arguments(argv_shown, valued=("--threads",), flags=("--quiet",)),
+            ]
+        ),
         "measured_at_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": {"cpu": cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "seconds": round(seconds, 1),
