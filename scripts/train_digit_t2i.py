@@ -338,21 +338,22 @@ def _training_data(info: dict) -> str:
             " bundled classifier's data."
         )
     return (
-        'Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only'
-        " (1,500 real MNIST digits, 150 per class), disjoint from the bundled classifier's data and from"
-        " the test split."
+        'Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only\n'
+        "(1,500 real MNIST digits, 150 per class), disjoint from the bundled classifier's data and from\n"
+        "the test split."
     )
 
 
 def readme(name: str, info: dict) -> str:
-    role = (
-        "the embedded default off-the-shelf denoiser (the generator is the larger `digits-t2i`)"
-        if name == "digits-denoiser"
-        else "the embedded default generator *and* off-the-shelf denoiser"
-    )
+    if info.get("style", "handwritten") == "printed":
+        intro = "Not bundled: a printed-digit model of `benchmarks/style_shift.py`."
+    elif name == "digits-denoiser":
+        intro = "Bundled with nodata-defense as the embedded default off-the-shelf denoiser (the generator is the larger `digits-t2i`)."
+    else:
+        intro = "Bundled with nodata-defense as the embedded default generator *and* off-the-shelf denoiser."
     return f"""# {name}: a tiny text-to-image pixel diffusion model for 28×28 digits
 
-Bundled with nodata-defense as {role}. UNet channels {tuple(info["channels"])},
+{intro} UNet channels {tuple(info["channels"])},
 {info["unet_parameters"]:,} parameters. {_training_data(info)} See `docs/zoo.md` and `training_log.json`.
 
 Layout (diffusers pipeline directory, one folder per component):
