@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from _report import cpu_name, reproducing_arguments, write_section
-from quality import paired_comparison
+from quality import class_breakdown, findings, paired_comparison
 
 from nodata_defense._io import atomic_write_json
-from nodata_defense.demo import ROW_TITLES, DemoConfig, run_demo
+from nodata_defense.demo import ROW_TITLES, DemoConfig, accuracy_table, read_tsv, run_demo
 from nodata_defense.zoo.models import DIGIT_T2I_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "demo.md")
     p.add_argument("--in-domain", type=Path, default=IN_DOMAIN, help="demo_time.json of the in-domain demo")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from the certificates of the last run in --out-dir (same settings)",
+    )
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -132,6 +137,8 @@ def render(result: dict[str, Any]) -> str:
                     lines.append(f"| {key} | {ROW_TITLES[row]} | {name} | {cells} |")
     if result["in_domain_missing"]:
         lines += ["", f"No handwritten rows: {result['in_domain_missing']}."]
+    if result.get("findings"):
+        lines += ["", "Key comparisons, printed models:", ""] + [f"- {line}" for line in result["findings"]]
     reading = result["classifier_on_printed"]
     lines += [
         "",
@@ -184,6 +191,27 @@ def _describe_evaluation(evaluation: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _previous_run(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[list, float, str] | None:
+    """The certificates, seconds and date of the last run, if it was made with these settings."""
+    tsv, summary = args.out_dir / "certificates.tsv", args.out_dir / "summary.json"
+    if not (tsv.is_file() and summary.is_file() and args.json.is_file()):
+        print(
+            f"--report-only: no earlier run in {args.out_dir} (and {args.json}); run without it",
+            file=sys.stderr,
+        )
+        return None
+    made_with = json.loads(summary.read_text(encoding="utf-8"))["settings"]
+    differ = sorted(k for k in settings if k != "show_progress" and made_with.get(k) != settings[k])
+    if differ:
+        print(
+            f"--report-only: the run in {args.out_dir} was made with other settings ({', '.join(differ)})",
+            file=sys.stderr,
+        )
+        return None
+    previous = json.loads(args.json.read_text(encoding="utf-8"))
+    return read_tsv(tsv), previous["seconds"], previous["measured_at_utc"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = [path for path in (args.generator, args.denoiser) if not (path / "unet").is_dir()]
@@ -202,29 +230,38 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=str(args.work_dir),
         show_progress=not args.quiet,
     )
-    started = time.perf_counter()
-    demo = run_demo(config)
-    seconds = time.perf_counter() - started
     settings = config.model_dump(mode="json")
+    if args.report_only:
+        previous = _previous_run(args, settings)
+        if previous is None:
+            return 2
+        records, seconds, measured_at = previous
+    else:
+        started = time.perf_counter()
+        records = list(run_demo(config).records)
+        seconds = time.perf_counter() - started
+        measured_at = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    accuracy, _ = accuracy_table(records, config)
     in_domain, missing = _in_domain(args.in_domain, settings)
     cells: dict[tuple[str, float], list] = {}
-    for record in demo.records:
+    for record in records:
         cells.setdefault((record.row, record.sigma), []).append(record)
+    comparisons = paired_comparison(cells, config)
     argv_shown = sys.argv[1:] if argv is None else argv
     result = {
         "command": " ".join(
             [
                 "python benchmarks/style_shift.py",
-                *reproducing_arguments(argv_shown, valued=("--threads",), flags=("--quiet",)),
+                *reproducing_arguments(argv_shown, valued=("--threads",), flags=("--quiet", "--report-only")),
             ]
         ),
-        "measured_at_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "measured_at_utc": measured_at,
         "machine": {"cpu": cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "seconds": round(seconds, 1),
         "settings": {**settings, "generator": "printed", "denoiser": "printed"},
         "printed": {
             row: {f"{sigma:g}": list(values) for sigma, values in by_sigma.items()}
-            for row, by_sigma in demo.accuracy.items()
+            for row, by_sigma in accuracy.items()
         },
         "in_domain": in_domain,
         "in_domain_missing": missing,
@@ -232,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             "handwritten": _generator_evaluation(DIGIT_T2I_DIR),
             "printed": _generator_evaluation(args.generator),
         },
-        "paired_comparisons": paired_comparison(cells, config),
+        "paired_comparisons": comparisons,
+        "findings": findings(comparisons, class_breakdown(cells, config)),
         "classifier_on_printed": _classifier_on_printed(),
     }
     atomic_write_json(args.json, result)

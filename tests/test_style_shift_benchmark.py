@@ -72,3 +72,25 @@ def test_report_puts_both_generators_side_by_side(style_shift, tmp_path):
     assert "| 1 | + classifier adaptation (full method) | printed | 60 | 30 |" in text
     assert "No handwritten rows" not in text and "(10 minutes here" in text
     assert "reads 87.5 % of 1,000 printed digits correctly" in text and "98.5 % of the handwritten" in text
+
+
+def test_report_only_rereads_the_last_run_only_under_the_same_settings(style_shift, tmp_path, capsys):
+    from nodata_defense.demo import TSV_COLUMNS, CertificateRecord
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = style_shift.parse_args(["--out-dir", str(out), "--json", str(tmp_path / "style_shift.json")])
+    settings = DemoConfig(sigmas=(1.0,), out_dir=str(out)).model_dump(mode="json")
+    assert style_shift._previous_run(args, settings) is None
+    assert "no earlier run in" in capsys.readouterr().err
+
+    record = CertificateRecord("denoiser", 1.0, 3, 8, 8, 1.25, 0.9, 300)
+    (out / "certificates.tsv").write_text("\t".join(TSV_COLUMNS) + "\n" + record.tsv() + "\n")
+    (out / "summary.json").write_text(json.dumps({"settings": {**settings, "n": 640}}))
+    (tmp_path / "style_shift.json").write_text(json.dumps({"seconds": 60.0, "measured_at_utc": "then"}))
+    assert style_shift._previous_run(args, settings) is None
+    assert "was made with other settings (n)" in capsys.readouterr().err
+
+    (out / "summary.json").write_text(json.dumps({"settings": {**settings, "show_progress": False}}))
+    records, seconds, measured_at = style_shift._previous_run(args, settings)
+    assert records == [record] and seconds == 60.0 and measured_at == "then"
