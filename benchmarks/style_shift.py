@@ -118,7 +118,7 @@ def render(result: dict[str, Any]) -> str:
     header = " | ".join(f"r = {r:g}" for r in radii)
     lines = [
         f"Measured {result['measured_at_utc']} UTC on `{result['machine']['cpu']}` (torch"
-        f" {result['machine']['torch']}, {result['machine']['torch_threads']} threads): {settings['n_test']} test"
+        f" {result['machine']['torch']}, {result['machine']['torch_threads']} thread(s)): {settings['n_test']} test"
         f" digits, N0 = {settings['n0']}, N = {settings['n']}, α = {settings['alpha']:g}, the demo's fit settings."
         " Certified accuracy (%); *handwritten* is the bundled generator and denoiser (the in-domain demo,"
         " `benchmarks/demo_time.py`), *printed* the two models of the same sizes trained on rendered fonts"
@@ -191,8 +191,8 @@ def _describe_evaluation(evaluation: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _previous_run(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[list, float, str] | None:
-    """The certificates, seconds and date of the last run, if it was made with these settings."""
+def _previous_run(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[list, dict[str, Any]] | None:
+    """The certificates of the last run and where and when it ran, if it was made with these settings."""
     tsv, summary = args.out_dir / "certificates.tsv", args.out_dir / "summary.json"
     if not (tsv.is_file() and summary.is_file() and args.json.is_file()):
         print(
@@ -209,7 +209,7 @@ def _previous_run(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[l
         )
         return None
     previous = json.loads(args.json.read_text(encoding="utf-8"))
-    return read_tsv(tsv), previous["seconds"], previous["measured_at_utc"]
+    return read_tsv(tsv), {key: previous[key] for key in ("seconds", "measured_at_utc", "machine")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,12 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         previous = _previous_run(args, settings)
         if previous is None:
             return 2
-        records, seconds, measured_at = previous
+        records, measured = previous
     else:
         started = time.perf_counter()
         records = list(run_demo(config).records)
-        seconds = time.perf_counter() - started
-        measured_at = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+        measured = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "measured_at_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "machine": {
+                "cpu": cpu_name(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+            },
+        }
     accuracy, _ = accuracy_table(records, config)
     in_domain, missing = _in_domain(args.in_domain, settings)
     cells: dict[tuple[str, float], list] = {}
@@ -255,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 *reproducing_arguments(argv_shown, valued=("--threads",), flags=("--quiet", "--report-only")),
             ]
         ),
-        "measured_at_utc": measured_at,
-        "machine": {"cpu": cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "seconds": round(seconds, 1),
+        **measured,
         "settings": {**settings, "generator": "printed", "denoiser": "printed"},
         "printed": {
             row: {f"{sigma:g}": list(values) for sigma, values in by_sigma.items()}

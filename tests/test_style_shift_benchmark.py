@@ -87,10 +87,10 @@ def test_report_only_rereads_the_last_run_only_under_the_same_settings(style_shi
     record = CertificateRecord("denoiser", 1.0, 3, 8, 8, 1.25, 0.9, 300)
     (out / "certificates.tsv").write_text("\t".join(TSV_COLUMNS) + "\n" + record.tsv() + "\n")
     (out / "summary.json").write_text(json.dumps({"settings": {**settings, "n": 640}}))
-    (tmp_path / "style_shift.json").write_text(json.dumps({"seconds": 60.0, "measured_at_utc": "then"}))
+    measured = {"seconds": 60.0, "measured_at_utc": "then", "machine": {"cpu": "x"}}
+    (tmp_path / "style_shift.json").write_text(json.dumps({**measured, "printed": {}}))
     assert style_shift._previous_run(args, settings) is None
     assert "was made with other settings (n)" in capsys.readouterr().err
 
     (out / "summary.json").write_text(json.dumps({"settings": {**settings, "show_progress": False}}))
-    records, seconds, measured_at = style_shift._previous_run(args, settings)
-    assert records == [record] and seconds == 60.0 and measured_at == "then"
+    assert style_shift._previous_run(args, settings) == ([record], measured)
