@@ -9,12 +9,34 @@ Everything is random, nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tiny_models import clip_text_encoder, cosine_schedule, save_t2i, tiny_text_unet, word_tokenizer
 from torch import nn
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as a module, with its folder on ``sys.path`` meanwhile
+    (the benchmarks import their siblings, such as ``_report``)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
 
 CLASS_NAMES = ["zero", "one", "two"]
 WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "this", "is", "a", "photo", "of", *CLASS_NAMES]

@@ -3,28 +3,19 @@ values run by separate processes (here: separate calls) meeting in one report.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from robust_fixtures import TINY_DEMO_OPTIONS
+from robust_fixtures import TINY_DEMO_OPTIONS, benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ROWS = ("gaussian", "denoiser", "personalized", "full_method", "full_data")
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(BENCHMARKS))  # quality.py imports its sibling _report
-    try:
-        spec = importlib.util.spec_from_file_location("quality_benchmark", BENCHMARKS / "quality.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("quality") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def _run(quality, tmp_path: Path, *args: str) -> int:

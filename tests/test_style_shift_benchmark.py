@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from robust_fixtures import benchmark_module
 
 from nodata_defense.demo import DemoConfig
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def style_shift():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports its siblings _report and quality
-    try:
-        spec = importlib.util.spec_from_file_location("style_shift_benchmark", BENCHMARKS / "style_shift.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("style_shift") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def _in_domain_run(tmp_path: Path, **changes) -> Path:
