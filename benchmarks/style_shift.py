@@ -170,8 +170,8 @@ def render(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Reproduce: " + " and ".join(f"`{c}`" for c in TRAIN_COMMANDS) + " (about 25 and 8 minutes on one"
-        f" core), then `{result['command']}`"
+        "Reproduce: " + " and ".join(f"`{c}`" for c in TRAIN_COMMANDS) + " (about 23 and 7 minutes on an idle"
+        f" core, as the bundled pair took: docs/zoo.md), then `{result['command']}`"
         f" ({result['seconds'] / 60:.0f} minutes here, fits included).",
     ]
     return "\n".join(lines)
