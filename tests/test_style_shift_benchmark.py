@@ -35,7 +35,9 @@ def test_in_domain_rows_are_compared_only_under_the_same_settings(style_shift, t
     accuracy, missing = style_shift._in_domain(_in_domain_run(tmp_path, n=640, seed=3), printed)
     assert accuracy == {} and missing == "the in-domain run used other settings (n, seed)"
     accuracy, missing = style_shift._in_domain(_in_domain_run(tmp_path, generator="other"), printed)
-    assert accuracy == {} and "generator" in missing
+    assert accuracy == {} and missing == "the in-domain run used other settings (generator)"
+    accuracy, missing = style_shift._in_domain(_in_domain_run(tmp_path, denoiser="other"), printed)
+    assert accuracy == {} and missing == "the in-domain run used other settings (denoiser)"
     accuracy, missing = style_shift._in_domain(tmp_path / "absent.json", printed)
     assert accuracy == {} and missing.startswith("no in-domain run at")
 
