@@ -330,31 +330,30 @@ def export(out: Path, ema: TextToImage, tokenizer, scheduler, info: dict) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _training_data(info: dict) -> str:
+def readme(name: str, info: dict) -> str:
     if info.get("style", "handwritten") == "printed":
-        return (
+        intro = "Not bundled: a printed-digit model of `benchmarks/style_shift.py`."
+        data = (
             f"Trained from scratch on {10 * info['printed_per_class']:,} printed digits rendered from the fonts"
             " matplotlib ships (`scripts/printed_digits.py`): no handwritten digit, a style unlike the"
             " bundled classifier's data."
         )
-    return (
-        'Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only\n'
-        "(1,500 real MNIST digits, 150 per class), disjoint from the bundled classifier's data and from\n"
-        "the test split."
-    )
-
-
-def readme(name: str, info: dict) -> str:
-    if info.get("style", "handwritten") == "printed":
-        intro = "Not bundled: a printed-digit model of `benchmarks/style_shift.py`."
-    elif name == "digits-denoiser":
-        intro = "Bundled with nodata-defense as the embedded default off-the-shelf denoiser (the generator is the larger `digits-t2i`)."
     else:
-        intro = "Bundled with nodata-defense as the embedded default generator *and* off-the-shelf denoiser."
+        intro = (
+            "Bundled with nodata-defense as the embedded default off-the-shelf denoiser (the generator is"
+            " the larger `digits-t2i`)."
+            if name == "digits-denoiser"
+            else "Bundled with nodata-defense as the embedded default generator *and* off-the-shelf denoiser."
+        )
+        data = (
+            'Trained from scratch on the "generator" split of `nodata_defense.zoo.load_digits` only\n'
+            "(1,500 real MNIST digits, 150 per class), disjoint from the bundled classifier's data and from\n"
+            "the test split."
+        )
     return f"""# {name}: a tiny text-to-image pixel diffusion model for 28×28 digits
 
 {intro} UNet channels {tuple(info["channels"])},
-{info["unet_parameters"]:,} parameters. {_training_data(info)} See `docs/zoo.md` and `training_log.json`.
+{info["unet_parameters"]:,} parameters. {data} See `docs/zoo.md` and `training_log.json`.
 
 Layout (diffusers pipeline directory, one folder per component):
 
