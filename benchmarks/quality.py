@@ -15,7 +15,10 @@ denoiser, self-personalized denoiser, full method, full-data reference — with 
   JSON file beside it, each rewrite atomic; a re-run skips what is there;
 - work goes chunk-major (every row and σ gets chunk k before any gets chunk k + 1), so a partial run
   compares the rows on the same images;
-- ``--max-minutes`` stops after the chunk in progress.
+- ``--max-minutes`` stops after the chunk in progress;
+- the personalized and full-method rows put the same denoiser in front of two classifiers and see
+  the same noise, so the second reuses the first's denoised batches (bit-identical results, about a
+  fifth less work per test digit).
 
 Only the process that certifies a cell writes its files, so the σ values can run in parallel
 processes; on a 2-core machine two single-threaded processes certify more per hour than one
@@ -33,16 +36,20 @@ images per cell, measured seconds per image, estimated time to finish, settings,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from _report import reproducing_arguments, write_section
 from pydantic import ValidationError
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from nodata_defense._io import atomic_write_json, atomic_write_text
@@ -202,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         stopped_early = True
                         break
                     if sigma not in bases:
-                        bases[sigma] = context.bases(sigma, config.rows)  # fits (or loads) once per σ
+                        # Fits (or loads) once per σ.
+                        bases[sigma] = share_denoising(context.bases(sigma, config.rows))
                     index = order[start:stop]
                     # A chunk cut short by a smaller --n-test is certified again whole: its noise is
                     # drawn for the whole chunk, so this gives what a fresh run would.
@@ -231,6 +239,63 @@ def main(argv: list[str] | None = None) -> int:
 
     report(config, context, cells, state, args, stopped_early, time.perf_counter() - started)
     return 0
+
+
+class _ReplayedDenoiser(nn.Module):
+    """A denoiser that keeps its outputs for inputs it may see again, each output returned once.
+
+    Two rows that denoise the same noisy batches (same noise seed per chunk) with it run it once per
+    batch. The key is a SHA-256 of the input's bytes, shape and dtype; the denoiser is deterministic
+    in eval mode, so a replayed output is the one it would compute. At most ``capacity`` outputs are
+    kept (the oldest go first), which bounds memory when a replay never comes (a resumed cell); with
+    fewer than a chunk's batches, replays are lost, which costs time and changes no result."""
+
+    def __init__(self, denoiser: nn.Module, sigma: float, capacity: int) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigma = sigma
+        self.capacity = capacity
+        self.kept: OrderedDict[bytes, Tensor] = OrderedDict()
+
+    def forward(self, x_noisy: Tensor) -> Tensor:
+        digest = hashlib.sha256(x_noisy.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(repr((tuple(x_noisy.shape), str(x_noisy.dtype))).encode())
+        key = digest.digest()
+        if key in self.kept:
+            return self.kept.pop(key)
+        out = self.denoiser(x_noisy, self.sigma)
+        self.kept[key] = out
+        while len(self.kept) > self.capacity:
+            self.kept.popitem(last=False)
+        return out
+
+
+class _ReplayedDenoisedClassifier(nn.Module):
+    def __init__(self, denoiser: _ReplayedDenoiser, classifier: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.classifier = classifier
+
+    def forward(self, x_noisy: Tensor) -> Tensor:
+        return self.classifier(self.denoiser(x_noisy))
+
+
+def share_denoising(bases: dict[str, Any], capacity: int = 256) -> dict[str, Any]:
+    """``bases`` with the personalized and full-method rows denoising once for both.
+
+    They share the method's personalized denoiser and (certify_chunk) the noise of each chunk, so
+    their certificates are bit-identical to unshared ones; only the classifiers behind differ."""
+    first, second = bases.get("personalized"), bases.get("full_method")
+    if first is None or second is None:
+        return bases
+    if first.denoiser is not second.denoiser or first.sigma != second.sigma:
+        return bases
+    shared = _ReplayedDenoiser(first.denoiser, first.sigma, capacity)
+    return {
+        **bases,
+        "personalized": _ReplayedDenoisedClassifier(shared, first.classifier),
+        "full_method": _ReplayedDenoisedClassifier(shared, second.classifier),
+    }
 
 
 # Which rows are compared image by image, and at which radii (the method against its baselines).

@@ -148,3 +148,36 @@ def test_findings_follow_the_paired_counts_and_class_tables(quality):
     assert lines[4].endswith("0 of its 0 correct certificates at r ≥ 1.5 are 0s.")
     assert len(lines) == 5
     assert quality.findings([], []) == []
+
+
+def test_shared_denoising_gives_the_unshared_certificates_with_fewer_denoiser_calls(
+    quality, tmp_path, monkeypatch
+):
+    from nodata_defense.denoiser import DiffusionDenoiser
+
+    calls = []
+    forward = DiffusionDenoiser.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionDenoiser, "forward", counted)
+    options = ("--sigmas", "0.5", "--n-test", "2", "--rows", "personalized", "full_method")
+    warm, shared, unshared = tmp_path / "warm", tmp_path / "shared", tmp_path / "unshared"
+    warm.mkdir()
+    assert _run(quality, warm, *options) == 0  # fits the models
+    for directory in (shared, unshared):
+        directory.mkdir()
+        (directory / "work").symlink_to(warm / "work")  # the same fitted models: the runs only certify
+    calls.clear()
+    assert _run(quality, shared, *options) == 0
+    shared_calls = len(calls)
+    monkeypatch.setattr(quality, "share_denoising", lambda bases: bases)
+    calls.clear()
+    assert _run(quality, unshared, *options) == 0
+
+    for row in ("personalized", "full_method"):
+        assert _cell(shared, row, "0.5")[0] == _cell(unshared, row, "0.5")[0]
+    # Unshared, each row calls the denoiser once per noise batch; shared, the second row calls it never.
+    assert shared_calls > 0 and 2 * shared_calls == len(calls)
