@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = sum(max(0, config.n_test - len(records)) for records in cells.values())
     stopped_early = False
     bases: dict[float, dict[str, Any]] = {}
+    measured: set[tuple[str, float]] = set()  # cells this process has certified chunks of
     with tqdm(
         total=todo, desc="certify (all rows and sigmas)", unit="img", disable=not config.show_progress
     ) as bar:
@@ -227,7 +228,16 @@ def main(argv: list[str] | None = None) -> int:
                         config,
                     )
                     cell = state[f"{row}@{sigma:g}"]
-                    cell["seconds"] += time.perf_counter() - begin
+                    spent = time.perf_counter() - begin
+                    cell["seconds"] += spent
+                    # The rate of this process alone: the estimate to finish follows the current code
+                    # and machine load, not the average over every run that added to the cell.
+                    latest = cell.get("latest_run") if (row, sigma) in measured else None
+                    latest = latest or {"images": 0, "seconds": 0.0}
+                    latest["images"] += stop - start
+                    latest["seconds"] += spent
+                    cell["latest_run"] = latest
+                    measured.add((row, sigma))
                     cell["images"] = len(records)
                     write_tsv(records, _cell_file(out, row, sigma))
                     atomic_write_json(_cell_state_file(out, row, sigma), cell)
@@ -523,14 +533,17 @@ def report(
     for (row, sigma), group in cells.items():
         cell = state[f"{row}@{sigma:g}"]
         per_image = cell["seconds"] / cell["images"] if cell["images"] else None
+        latest = cell.get("latest_run") or {"images": 0}
+        latest_per_image = latest["seconds"] / latest["images"] if latest["images"] else per_image
         throughput[f"{row}@{sigma:g}"] = {
             "images": cell["images"],
             "seconds": round(cell["seconds"], 1),
             "seconds_per_image": None if per_image is None else round(per_image, 2),
+            "seconds_per_image_latest_run": None if latest_per_image is None else round(latest_per_image, 2),
             "samples_per_second": None if per_image is None else round((config.n0 + config.n) / per_image, 1),
         }
-        if per_image is not None:
-            remaining += per_image * (config.n_test - len(group))
+        if latest_per_image is not None:
+            remaining += latest_per_image * (config.n_test - len(group))
     unmeasured = [key for key, t in throughput.items() if t["images"] == 0]
     comparisons = paired_comparison(cells, config)
     classes = class_breakdown(cells, config)
@@ -596,9 +609,9 @@ def report(
         "",
         paired_markdown(comparisons),
         class_markdown(classes),
-        "Measured cost per test image (seconds, this machine, all sessions): "
+        "Measured cost per test image (seconds, this machine; over all sessions / in the latest run): "
         + ", ".join(
-            f"{key} {t['seconds_per_image']}"
+            f"{key} {t['seconds_per_image']} / {t['seconds_per_image_latest_run']}"
             for key, t in throughput.items()
             if t["seconds_per_image"] is not None
         )
@@ -606,7 +619,7 @@ def report(
         "",
         (
             f"Estimated time to finish at the measured rates: {eta / 3600:.1f} h of one process (the sum over"
-            " cells of seconds per image × images left; processes for different σ share it out, but each"
+            " cells of seconds per image in the latest run that certified the cell × images left; processes for different σ share it out, but each"
             " one runs slower while they share the cores)."
             if eta is not None and not complete
             else ""

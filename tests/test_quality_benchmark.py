@@ -68,6 +68,8 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     for row in ROWS:
         lines, state = _cell(tmp_path, row, "0.5")
         assert len(lines) == 1 + 3 and state["images"] == 3
+        # The latest run's rate counts only its own work: the whole (one-chunk) 3 images again.
+        assert state["latest_run"]["images"] == 3 and 0 < state["latest_run"]["seconds"] < state["seconds"]
         assert lines == _cell(fresh, row, "0.5")[0]
         first[row] = lines
 
