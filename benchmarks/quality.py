@@ -17,8 +17,9 @@ denoiser, self-personalized denoiser, full method, full-data reference — with 
   compares the rows on the same images;
 - ``--max-minutes`` stops after the chunk in progress;
 - the personalized and full-method rows put the same denoiser in front of two classifiers and see
-  the same noise, so the second reuses the first's denoised batches (bit-identical results, about a
-  fifth less work per test digit).
+  the same noise, so the second reuses the first's denoised batches: bit-identical results, and the
+  full-method row costs about what the plain-classifier row does (each cell's ``latest_run`` in its
+  JSON file has the measured seconds).
 
 Only the process that certifies a cell writes its files, so the σ values can run in parallel
 processes; on a 2-core machine two single-threaded processes certify more per hour than one
