@@ -10,6 +10,9 @@ denoiser, self-personalized denoiser, full method, full-data reference — with 
 
 - fitted models are cached in ``--work-dir`` (default ``runs/quality-work``) with a fingerprint of
   what they depend on;
+- each cell records the sha256 of the fitted weights that made its certificates, and refuses to
+  continue with others (a fit redone after the work directory was lost need not be bit-identical);
+  a cell from before that was recorded is checked by certifying its first chunk again;
 - certificates are appended, chunk by chunk, to one TSV per row and σ in ``--out-dir``
   (default ``benchmarks/results/quality/``), with that cell's settings and measured seconds in a
   JSON file beside it, each rewrite atomic; a re-run skips what is there;
@@ -55,6 +58,7 @@ from tqdm.auto import tqdm
 
 from nodata_defense._io import atomic_write_json, atomic_write_text
 from nodata_defense.demo import (
+    FIT_OF_ROW,
     ROW_TITLES,
     CertificateRecord,
     DemoConfig,
@@ -118,7 +122,7 @@ def _cell_state_file(directory: Path, row: str, sigma: float) -> Path:
 
 def _settings(config: DemoConfig, context: DemoContext, row: str, sigma: float) -> dict[str, Any]:
     """What a cell's certificates depend on; certificates are appended only under the same settings."""
-    fit = {"personalized": "synthetic", "full_method": "synthetic", "full_data": "full_data"}.get(row)
+    fit = FIT_OF_ROW.get(row)
     return {
         "row": row,
         "sigma": sigma,
@@ -213,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                     if sigma not in bases:
                         # Fits (or loads) once per σ.
                         bases[sigma] = share_denoising(context.bases(sigma, config.rows))
+                        problem = check_fitted(
+                            config, context, sigma, bases[sigma], cells, state, test, order, args.restart
+                        )
+                        if problem:
+                            print(f"quality.py: error: {problem}", file=sys.stderr)
+                            return 2
                     index = order[start:stop]
                     # A chunk cut short by a smaller --n-test is certified again whole: its noise is
                     # drawn for the whole chunk, so this gives what a fresh run would.
@@ -250,6 +260,79 @@ def main(argv: list[str] | None = None) -> int:
 
     report(config, context, cells, state, args, stopped_early, time.perf_counter() - started)
     return 0
+
+
+def fitted_digest(model_dir: Path) -> str:
+    """sha256 over a saved ``RobustModel``'s weight files (safetensors), their paths included."""
+    digest = hashlib.sha256()
+    for file in sorted(model_dir.rglob("*.safetensors")):
+        digest.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def check_fitted(
+    config: DemoConfig,
+    context: DemoContext,
+    sigma: float,
+    bases: dict[str, Any],
+    cells: dict[tuple[str, float], list[CertificateRecord]],
+    state: dict[str, dict[str, Any]],
+    test: Any,
+    order: Any,
+    restart: bool,
+) -> str | None:
+    """Make sure each fitted row at ``sigma`` extends its certificates with the model that made them.
+
+    The settings fingerprint says what a fit depends on, not what it produced: a refit (say the
+    work directory was lost) may not give the same weights bit for bit, and appending its
+    certificates to the old ones would mix two models. So each cell records the sha256 of its
+    fitted weights. A cell that has certificates but no recorded digest (made before it was
+    recorded) is checked by certifying its first chunk again: every certificate must come out
+    identical (same counts of 10,000 noisy samples), else the cell is refused. Returns the error,
+    or None; with ``restart`` a cell that fails is emptied instead.
+    """
+    size = chunk_size(config)
+    for row in config.rows:
+        kind = FIT_OF_ROW.get(row)
+        if kind is None:
+            continue
+        model_dir = context.fitted_dir(sigma, kind)
+        digest = fitted_digest(model_dir)
+        cell = state[f"{row}@{sigma:g}"]
+        records = cells[(row, sigma)]
+        recorded = cell.get("fitted_sha256")
+        problem = None
+        if records and recorded is not None and recorded != digest:
+            problem = (
+                f"the fit in {_shown(model_dir)} (sha256 {digest[:12]}) is not the one the"
+                f" {len(records)} certificates of {row} at sigma={sigma:g} were made with"
+                f" ({recorded[:12]})"
+            )
+        elif records and recorded is None:
+            first = records[:size]
+            index = order[: len(first)]
+            again = certify_chunk(
+                row, bases[row], sigma, test.images[index], test.labels[index], index, 0, config
+            )
+            if [r.tsv() for r in again] != [r.tsv() for r in first]:
+                problem = (
+                    f"the fit in {_shown(model_dir)} does not reproduce the first certificates of"
+                    f" {row} at sigma={sigma:g}, so it is not the model that made them"
+                )
+        if problem is not None:
+            if not restart:
+                return (
+                    f"{problem}; restore that fit, re-run with --restart to discard the cell,"
+                    " or choose another --out-dir."
+                )
+            records.clear()
+            cell.update(images=0, seconds=0.0)
+            cell.pop("latest_run", None)
+            write_tsv(records, _cell_file(Path(config.out_dir), row, sigma))
+        cell["fitted_sha256"] = digest
+        atomic_write_json(_cell_state_file(Path(config.out_dir), row, sigma), cell)
+    return None
 
 
 class _ReplayedDenoiser(nn.Module):

@@ -71,7 +71,7 @@ ROW_TITLES: dict[str, str] = {
     "full_data": "full-data reference (real split C)",
 }
 # Which fit a row needs: "synthetic" (references from class names) or "full_data" (split C).
-_FIT_OF_ROW = {"personalized": "synthetic", "full_method": "synthetic", "full_data": "full_data"}
+FIT_OF_ROW = {"personalized": "synthetic", "full_method": "synthetic", "full_data": "full_data"}
 # The test order is fixed whatever the demo's seed, so runs with other seeds certify the same images.
 TEST_ORDER_SEED = 0
 TSV_COLUMNS = ("row", "sigma", "index", "label", "prediction", "radius", "correct", "pa_lower", "count")
@@ -503,14 +503,18 @@ class DemoContext:
         self.seconds[f"references {kind} sigma={sigma:g}"] = time.perf_counter() - started
         return references
 
+    def fitted_dir(self, sigma: float, kind: str) -> Path:
+        """Where :meth:`fit` saves the fitted ``RobustModel`` at ``sigma`` on ``kind`` references."""
+        return self.config.work_path / _sigma_dir(sigma) / kind / "model"
+
     def fit(self, sigma: float, kind: str) -> RobustModel:
         """The fitted ``RobustModel`` at ``sigma`` on ``kind`` references, from ``work_dir`` if cached there."""
         from .robustifier import Robustifier
         from .zoo import DIGIT_CLASS_NAMES
 
         config = self.config
-        directory = config.work_path / _sigma_dir(sigma) / kind
-        model_dir = directory / "model"
+        model_dir = self.fitted_dir(sigma, kind)
+        directory = model_dir.parent
         fingerprint_file = directory / "fit.json"
         fingerprint = self.fingerprint(sigma, kind)
         if fingerprint_file.is_file():
@@ -552,7 +556,7 @@ class DemoContext:
         """The base classifier of smoothing of each row at ``sigma`` (noisy images → logits)."""
         fitted = {
             kind: self.fit(sigma, kind)
-            for kind in dict.fromkeys(_FIT_OF_ROW[r] for r in rows if r in _FIT_OF_ROW)
+            for kind in dict.fromkeys(FIT_OF_ROW[r] for r in rows if r in FIT_OF_ROW)
         }
         # A copy: converting the memory format below must not reach the classifier later fits start from.
         classifier = copy.deepcopy(self.classifier) if self.config.channels_last else self.classifier

@@ -820,7 +820,16 @@ def _load_text_encoder(
         # transformers renamed `torch_dtype` to `dtype` in 4.56.
         major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
         kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype
-    text_encoder = model_cls.from_pretrained(source, subfolder="text_encoder", **kwargs)
+    from transformers.utils import logging as transformers_logging
+
+    # Its per-tensor "Loading weights" bar is noise for an encoder loaded in a second.
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        text_encoder = model_cls.from_pretrained(source, subfolder="text_encoder", **kwargs)
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
     text_encoder.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
     return text_encoder, tokenizer

@@ -32,8 +32,11 @@ TINY = ["--sigmas", "0.5", "--n-test", "10", *TINY_DEMO_OPTIONS]
 def test_demo_end_to_end_through_the_cli(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", *TINY, "--out-dir", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "sigma = 0.5" in printed and "full method" in printed and "wall-clock" in printed
+    # --quiet: no library's loading chatter (huggingface_hub's print, transformers' weight bar).
+    assert "Loading weights" not in printed + captured.err
 
     records = read_tsv(out / "certificates.tsv")
     assert (out / "certificates.tsv").read_text().splitlines()[0].split("\t") == list(TSV_COLUMNS)

@@ -220,3 +220,54 @@ def test_shared_denoising_gives_the_unshared_certificates_with_fewer_denoiser_ca
         assert _cell(shared, row, "0.5")[0] == _cell(unshared, row, "0.5")[0]
     # Unshared, each row calls the denoiser once per noise batch; shared, the second row calls it never.
     assert shared_calls > 0 and 2 * shared_calls == len(calls)
+
+
+def test_a_cell_continues_only_with_the_fit_that_made_its_certificates(quality, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    options = ("--sigmas", "0.5", "--rows", "personalized", "full_data")
+    assert _run(quality, tmp_path, *options, "--n-test", "1") == 0
+    for row in ("personalized", "full_data"):
+        assert len(_cell(tmp_path, row, "0.5")[1]["fitted_sha256"]) == 64
+
+    # A cell from before digests were recorded: its first chunk is certified again and must match.
+    state_file = tmp_path / "results" / "certificates-personalized-sigma0.5.json"
+    state = json.loads(state_file.read_text())
+    digest = state.pop("fitted_sha256")
+    state_file.write_text(json.dumps(state))
+    assert _run(quality, tmp_path, *options, "--n-test", "2") == 0
+    lines, state = _cell(tmp_path, "personalized", "0.5")
+    assert state["fitted_sha256"] == digest and len(lines) == 1 + 2
+
+    # ... and is refused when it does not (as if another fit had made the stored certificate).
+    tsv = tmp_path / "results" / "certificates-personalized-sigma0.5.tsv"
+    original = tsv.read_text()
+    header, first, *rest = original.splitlines()
+    fields = first.split("\t")
+    fields[-1] = str(int(fields[-1]) - 1)  # one fewer sample counted for the top class
+    tsv.write_text("\n".join([header, "\t".join(fields), *rest]) + "\n")
+    state.pop("fitted_sha256")
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert _run(quality, tmp_path, *options, "--n-test", "3") == 2
+    assert "does not reproduce the first certificates of personalized" in capsys.readouterr().err
+    assert tsv.read_text().splitlines()[1] == "\t".join(fields)  # refused: nothing rewritten
+    tsv.write_text(original)
+
+    # A recorded digest that the fit no longer has (the weights changed): refused at once, and
+    # --restart starts the cell again with the new fit.
+    before = _cell(tmp_path, "full_data", "0.5")[1]["fitted_sha256"]
+    model = tmp_path / "work" / "sigma-0.5" / "full_data" / "model"
+    weights = sorted(model.rglob("*.safetensors"))[0]
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 2 + 1
+    save_file(tensors, weights)
+    assert _run(quality, tmp_path, *options, "--n-test", "3") == 2
+    assert (
+        "is not the one the 2 certificates of full_data at sigma=0.5 were made with"
+        in capsys.readouterr().err
+    )
+    assert _run(quality, tmp_path, *options, "--n-test", "3", "--restart") == 0
+    lines, state = _cell(tmp_path, "full_data", "0.5")
+    assert len(lines) == 1 + 3 and state["images"] == 3 and state["fitted_sha256"] != before

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from .._validation import check_images
@@ -94,7 +96,10 @@ def _require(directory: Path, what: str) -> Path:
 
 def load_digit_classifier() -> DigitCNN:
     """The bundled digit classifier (trained on the ``"classifier"`` split only), in eval mode."""
-    model = DigitCNN.from_pretrained(_require(DIGIT_CNN_DIR, "digit classifier"))
+    # Rebuilt here rather than with DigitCNN.from_pretrained, which prints a line on every local load.
+    directory = _require(DIGIT_CNN_DIR, "digit classifier")
+    model = DigitCNN(**json.loads((directory / "config.json").read_text(encoding="utf-8")))
+    load_model(model, directory / "model.safetensors")
     return model.eval()
 
 
