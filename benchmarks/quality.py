@@ -535,14 +535,18 @@ _SHORT_NAMES = {
 NOISE_P = 0.05
 
 
-def findings(cells: dict[tuple[str, float], list[CertificateRecord]], config: DemoConfig) -> list[str]:
+def findings(
+    cells: dict[tuple[str, float], list[CertificateRecord]],
+    comparisons: list[dict[str, Any]],
+    classes: list[dict[str, Any]],
+) -> list[str]:
     """The sentences README reads the benchmark by, computed from the certificates so that they follow
     the data as the run grows, all at the largest σ unless said: the full method against the
     off-the-shelf denoiser, what each of its two steps adds, how much of the full-data reference's
     lead it gets and where it stands against that reference; every (σ, r) where it is behind the
-    denoiser beyond noise; and how concentrated each denoising row's predictions are."""
-    comparisons = paired_comparison(cells, config)
-    classes = class_breakdown(cells, config)
+    denoiser beyond noise; and how concentrated each denoising row's predictions are.
+    ``comparisons`` and ``classes`` are :func:`paired_comparison` and :func:`class_breakdown` of
+    ``cells``, which the report also writes out."""
     if not comparisons:
         return []
     by_key = {(c["sigma"], c["a"], c["b"], c["radius"]): c for c in comparisons}
@@ -691,7 +695,7 @@ def report(
     unmeasured = [key for key, t in throughput.items() if t["images"] == 0]
     comparisons = paired_comparison(cells, config)
     classes = class_breakdown(cells, config)
-    key_findings = findings(cells, config)
+    key_findings = findings(cells, comparisons, classes)
     findings_markdown = "".join(f"- {line}\n" for line in key_findings)
     complete = all(len(group) >= config.n_test for group in cells.values())
     accuracy, counts = accuracy_table(records, config) if records else ({}, {})

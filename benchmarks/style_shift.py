@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from _report import cpu_name, reproducing_arguments, write_section
-from quality import findings, paired_comparison
+from quality import class_breakdown, findings, paired_comparison
 
 from nodata_defense._io import atomic_write_json
 from nodata_defense.demo import ROW_TITLES, DemoConfig, accuracy_table, read_tsv, run_demo
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
         "paired_comparisons": comparisons,
-        "findings": findings(cells, config),
+        "findings": findings(cells, comparisons, class_breakdown(cells, config)),
         "classifier_on_printed": _classifier_on_printed(),
     }
     atomic_write_json(args.json, result)

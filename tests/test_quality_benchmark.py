@@ -109,6 +109,12 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     assert len(lines) == 1 + 1 and state["settings"]["n"] == 30 and state["images"] == 1
 
 
+def _findings(quality, cells, config):
+    return quality.findings(
+        cells, quality.paired_comparison(cells, config), quality.class_breakdown(cells, config)
+    )
+
+
 def test_findings_follow_the_paired_counts_and_class_tables(quality):
     from types import SimpleNamespace
 
@@ -127,7 +133,7 @@ def test_findings_follow_the_paired_counts_and_class_tables(quality):
         ("full_method", 0.5): cell("full_method", 0.5, lambda i: (-1, 0.0)),
     }
     config = SimpleNamespace(sigmas=(0.5, 1.0), rows=("denoiser", "full_method"))
-    lines = quality.findings(cells, config)
+    lines = _findings(quality, cells, config)
 
     assert lines[0] == (
         "σ = 1, r = 1: full method 100.0 % vs off-the-shelf denoiser 10.0 % on the same 10 digits"
@@ -148,7 +154,7 @@ def test_findings_follow_the_paired_counts_and_class_tables(quality):
     assert lines[4].startswith("σ = 1, full method: its most frequent prediction is 0, for 1 of the 10")
     assert lines[4].endswith("0 of its 0 correct certificates at r ≥ 1.5 are 0s.")
     assert len(lines) == 5
-    assert quality.findings({}, config) == []
+    assert _findings(quality, {}, config) == []
 
 
 def test_findings_say_what_each_step_adds_and_the_share_of_the_reference_lead(quality):
@@ -168,7 +174,7 @@ def test_findings_say_what_each_step_adds_and_the_share_of_the_reference_lead(qu
         ("full_data", 1.0): cell("full_data", lambda i: (i, 0.6))[1:],
     }
     config = SimpleNamespace(sigmas=(1.0,), rows=("denoiser", "personalized", "full_method", "full_data"))
-    lines = quality.findings(cells, config)
+    lines = _findings(quality, cells, config)
 
     assert lines[2] == (
         "σ = 1, personalization adds (self-personalized vs off-the-shelf denoiser):"
