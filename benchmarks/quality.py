@@ -197,9 +197,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             cells[(row, sigma)] = records
 
+    # Fits (or loads) once per σ that has certificates to add, and checks that each fitted cell goes
+    # on with the fit that made it — before any chunk, since a cell emptied on --restart starts at 0.
+    bases: dict[float, dict[str, Any]] = {}
+    if deadline is None or time.monotonic() <= deadline:
+        for sigma in config.sigmas:
+            if all(len(cells[(row, sigma)]) >= config.n_test for row in config.rows):
+                continue
+            bases[sigma] = share_denoising(context.bases(sigma, config.rows))
+            problem = check_fitted(
+                config, context, sigma, bases[sigma], cells, state, test, order, args.restart
+            )
+            if problem:
+                print(f"quality.py: error: {problem}", file=sys.stderr)
+                return 2
     todo = sum(max(0, config.n_test - len(records)) for records in cells.values())
     stopped_early = False
-    bases: dict[float, dict[str, Any]] = {}
     measured: set[tuple[str, float]] = set()  # cells this process has certified chunks of
     with tqdm(
         total=todo, desc="certify (all rows and sigmas)", unit="img", disable=not config.show_progress
@@ -214,15 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     if deadline is not None and time.monotonic() > deadline:
                         stopped_early = True
                         break
-                    if sigma not in bases:
-                        # Fits (or loads) once per σ.
-                        bases[sigma] = share_denoising(context.bases(sigma, config.rows))
-                        problem = check_fitted(
-                            config, context, sigma, bases[sigma], cells, state, test, order, args.restart
-                        )
-                        if problem:
-                            print(f"quality.py: error: {problem}", file=sys.stderr)
-                            return 2
+                    if len(records) < start:
+                        raise RuntimeError(f"{row} at sigma={sigma:g}: chunk {start} would leave a gap")
                     index = order[start:stop]
                     # A chunk cut short by a smaller --n-test is certified again whole: its noise is
                     # drawn for the whole chunk, so this gives what a fresh run would.
