@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from _report import reproducing_arguments, write_section
 from pydantic import ValidationError
+from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -269,11 +270,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fitted_digest(model_dir: Path) -> str:
-    """sha256 over a saved ``RobustModel``'s weight files (safetensors), their paths included."""
+    """sha256 over the tensors of a saved ``RobustModel``'s safetensors files: each file's path, then
+    each tensor's name, dtype, shape and bytes in name order. Not the files' bytes: safetensors writes
+    its metadata in no fixed order, so the same weights saved twice need not be the same file."""
     digest = hashlib.sha256()
     for file in sorted(model_dir.rglob("*.safetensors")):
         digest.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
-        digest.update(file.read_bytes())
+        with safe_open(file, framework="pt") as tensors:
+            for name in sorted(tensors.keys()):
+                tensor = tensors.get_tensor(name).contiguous()
+                digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -288,3 +288,27 @@ def test_a_cell_continues_only_with_the_fit_that_made_its_certificates(
     again = read_tsv(tmp_path / "results" / "certificates-full_data-sigma0.5.tsv")
     assert [r.index for r in again] == stratified_order()[:3].tolist()
     assert tsv.read_text() != original and len(read_tsv(tsv)) == 3
+
+
+def test_fitted_digest_follows_the_tensors_not_the_file_bytes(quality, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.steps": torch.tensor(3)}
+    for name, metadata in (("one", {"x": "1", "y": "2"}), ("two", {"y": "2", "x": "1", "z": "3"})):
+        (tmp_path / name / "lora").mkdir(parents=True)
+        save_file(tensors, tmp_path / name / "lora" / "adapter.safetensors", metadata=metadata)
+    one, two = (quality.fitted_digest(tmp_path / name) for name in ("one", "two"))
+    files = [(tmp_path / name / "lora" / "adapter.safetensors").read_bytes() for name in ("one", "two")]
+    assert files[0] != files[1] and one == two and len(one) == 64
+
+    tensors["b.weight"][1, 2] += 1e-6
+    save_file(tensors, tmp_path / "two" / "lora" / "adapter.safetensors")
+    changed = quality.fitted_digest(tmp_path / "two")
+    assert changed != one
+    # The same bytes under another dtype are other weights too.
+    save_file(
+        {"b.weight": tensors["b.weight"].view(torch.int32), "a.steps": tensors["a.steps"]},
+        tmp_path / "two" / "lora" / "adapter.safetensors",
+    )
+    assert quality.fitted_digest(tmp_path / "two") != changed
