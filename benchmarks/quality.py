@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_json(state_path, saved)
             state[key] = saved
             records = read_tsv(path) if path.is_file() else []
-            if [r.index for r in records] != order[: len(records)].tolist():
+            if [r.index for r in records] != stratified_order()[: len(records)].tolist():
                 raise RuntimeError(
                     f"{path} does not hold a prefix of the test order; remove it to start that cell again."
                 )
-            cells[(row, sigma)] = records
+            # A smaller --n-test reads the first certificates only; the file keeps the rest.
+            cells[(row, sigma)] = records[: config.n_test]
 
     # Fits (or loads) once per σ that has certificates to add, and checks that each fitted cell goes
     # on with the fit that made it — before any chunk, since a cell emptied on --restart starts at 0.

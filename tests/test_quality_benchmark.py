@@ -73,6 +73,12 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
         assert lines == _cell(fresh, row, "0.5")[0]
         first[row] = lines
 
+    # A smaller --n-test reports on the first images and leaves the files as they are.
+    assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "2", "--max-minutes", "0") == 0
+    summary = json.loads((tmp_path / "quality.json").read_text())
+    assert summary["complete"] is True and {c["images"] for c in summary["paired_comparisons"]} == {2}
+    assert all(_cell(tmp_path, row, "0.5")[0] == first[row] for row in ROWS)
+
     # Another σ, as a separate process would run it, leaves the σ = 0.5 cells untouched.
     assert _run(quality, tmp_path, "--sigmas", "0.25", "--n-test", "3") == 0
     for row in ROWS:
