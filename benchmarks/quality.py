@@ -45,8 +45,6 @@ import json
 import shlex
 import sys
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +52,6 @@ import torch
 from _report import reproducing_arguments, write_section
 from pydantic import ValidationError
 from safetensors import safe_open
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from nodata_defense._io import atomic_write_json, atomic_write_text
@@ -206,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         for sigma in config.sigmas:
             if all(len(cells[(row, sigma)]) >= config.n_test for row in config.rows):
                 continue
-            bases[sigma] = share_denoising(context.bases(sigma, config.rows))
+            bases[sigma] = context.bases(sigma, config.rows)
             problem = check_fitted(
                 config, context, sigma, bases[sigma], cells, state, test, order, args.restart
             )
@@ -347,63 +344,6 @@ def check_fitted(
         cell["fitted_sha256"] = digest
         atomic_write_json(_cell_state_file(Path(config.out_dir), row, sigma), cell)
     return None
-
-
-class _ReplayedDenoiser(nn.Module):
-    """A denoiser that keeps its outputs for inputs it may see again, each output returned once.
-
-    Two rows that denoise the same noisy batches (same noise seed per chunk) with it run it once per
-    batch. The key is a SHA-256 of the input's bytes, shape and dtype; the denoiser is deterministic
-    in eval mode, so a replayed output is the one it would compute. At most ``capacity`` outputs are
-    kept (the oldest go first), which bounds memory when a replay never comes (a resumed cell); with
-    fewer than a chunk's batches, replays are lost, which costs time and changes no result."""
-
-    def __init__(self, denoiser: nn.Module, sigma: float, capacity: int) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-        self.sigma = sigma
-        self.capacity = capacity
-        self.kept: OrderedDict[bytes, Tensor] = OrderedDict()
-
-    def forward(self, x_noisy: Tensor) -> Tensor:
-        digest = hashlib.sha256(x_noisy.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(repr((tuple(x_noisy.shape), str(x_noisy.dtype))).encode())
-        key = digest.digest()
-        if key in self.kept:
-            return self.kept.pop(key)
-        out = self.denoiser(x_noisy, self.sigma)
-        self.kept[key] = out
-        while len(self.kept) > self.capacity:
-            self.kept.popitem(last=False)
-        return out
-
-
-class _ReplayedDenoisedClassifier(nn.Module):
-    def __init__(self, denoiser: _ReplayedDenoiser, classifier: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-        self.classifier = classifier
-
-    def forward(self, x_noisy: Tensor) -> Tensor:
-        return self.classifier(self.denoiser(x_noisy))
-
-
-def share_denoising(bases: dict[str, Any], capacity: int = 256) -> dict[str, Any]:
-    """``bases`` with the personalized and full-method rows denoising once for both.
-
-    They share the method's personalized denoiser and (certify_chunk) the noise of each chunk, so
-    their certificates are bit-identical to unshared ones; only the classifiers behind differ."""
-    first, second = bases.get("personalized"), bases.get("full_method")
-    if first is None or second is None:
-        return bases
-    if first.denoiser is not second.denoiser or first.sigma != second.sigma:
-        return bases
-    shared = _ReplayedDenoiser(first.denoiser, first.sigma, capacity)
-    return {
-        **bases,
-        "personalized": _ReplayedDenoisedClassifier(shared, first.classifier),
-        "full_method": _ReplayedDenoisedClassifier(shared, second.classifier),
-    }
 
 
 # Which rows are compared image by image, and at which radii (the method against its baselines).

@@ -171,3 +171,32 @@ def test_certified_models_take_the_configured_memory_format(tmp_path, channels_l
         convolutions = [m.weight for m in base.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convolutions
         assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions) is channels_last
+
+
+def test_demo_denoises_once_for_the_personalized_and_full_method_rows(tmp_path, monkeypatch):
+    from nodata_defense import demo
+    from nodata_defense.denoiser import DiffusionDenoiser
+
+    calls = []
+    forward = DiffusionDenoiser.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    # Several chunks, each of several noise batches: 5 images x (10 + 20) samples, 2 images per chunk.
+    monkeypatch.setattr(demo, "_SAMPLES_PER_CHUNK", 60)
+    options = [*TINY, "--n-test", "5", "--batch-size", "8", "--rows", "personalized", "full_method"]
+    options += ["--work-dir", str(tmp_path / "work")]
+    assert cli.main(["demo", *options, "--out-dir", str(tmp_path / "warm")]) == 0  # fits
+    monkeypatch.setattr(DiffusionDenoiser, "forward", counted)
+    assert cli.main(["demo", *options, "--out-dir", str(tmp_path / "shared")]) == 0
+    shared = len(calls)
+    monkeypatch.setattr(demo, "share_denoising", lambda bases, capacity: bases)
+    calls.clear()
+    assert cli.main(["demo", *options, "--out-dir", str(tmp_path / "unshared")]) == 0
+
+    tsv = [(tmp_path / name / "certificates.tsv").read_text() for name in ("shared", "unshared")]
+    assert tsv[0] == tsv[1] and len(tsv[0].splitlines()) == 1 + 2 * 5
+    # 3 chunks (2 + 2 + 1 images), each ceil(k·10 / 8) + ceil(k·20 / 8) batches: 3 + 5, 3 + 5, 2 + 3.
+    assert shared == 21 and len(calls) == 2 * shared

@@ -204,6 +204,7 @@ def test_findings_say_what_each_step_adds_and_the_share_of_the_reference_lead(qu
 def test_shared_denoising_gives_the_unshared_certificates_with_fewer_denoiser_calls(
     quality, tmp_path, monkeypatch
 ):
+    from nodata_defense import demo
     from nodata_defense.denoiser import DiffusionDenoiser
 
     calls = []
@@ -224,7 +225,7 @@ def test_shared_denoising_gives_the_unshared_certificates_with_fewer_denoiser_ca
     calls.clear()
     assert _run(quality, shared, *options) == 0
     shared_calls = len(calls)
-    monkeypatch.setattr(quality, "share_denoising", lambda bases: bases)
+    monkeypatch.setattr(demo, "share_denoising", lambda bases, capacity: bases)
     calls.clear()
     assert _run(quality, unshared, *options) == 0
 
