@@ -304,12 +304,15 @@ def check_fitted(
     or None; with ``restart`` a cell that fails is emptied instead.
     """
     size = chunk_size(config)
+    digests: dict[str, str] = {}  # the personalized and full-method rows share one fit
     for row in config.rows:
         kind = FIT_OF_ROW.get(row)
         if kind is None:
             continue
         model_dir = context.fitted_dir(sigma, kind)
-        digest = fitted_digest(model_dir)
+        if kind not in digests:
+            digests[kind] = fitted_digest(model_dir)
+        digest = digests[kind]
         cell = state[f"{row}@{sigma:g}"]
         records = cells[(row, sigma)]
         recorded = cell.get("fitted_sha256")
