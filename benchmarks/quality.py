@@ -501,7 +501,7 @@ def findings(
     the data as the run grows, all at the largest σ unless said: the full method against the
     off-the-shelf denoiser, what each of its two steps adds, how much of the full-data reference's
     lead it gets and where it stands against that reference; every (σ, r) where it is behind the
-    denoiser beyond noise; and how concentrated each denoising row's predictions are.
+    denoiser beyond noise, and every one where it is ahead; and how concentrated each denoising row's predictions are.
     ``comparisons`` and ``classes`` are :func:`paired_comparison` and :func:`class_breakdown` of
     ``cells``, which the report also writes out."""
     if not comparisons:
@@ -550,17 +550,23 @@ def findings(
         if key in by_key
     ]
     against_denoiser = [c for c in comparisons if (c["a"], c["b"]) == ("full_method", "denoiser")]
-    if against_denoiser:
-        behind = [c for c in against_denoiser if c["only_b"] > c["only_a"] and c["p_value"] < NOISE_P]
+    for side in ("behind", "ahead of"):
+        if not against_denoiser:
+            break
+        beyond_noise = [
+            c
+            for c in against_denoiser
+            if c["p_value"] < NOISE_P and (c["only_b"] > c["only_a"]) == (side == "behind")
+        ]
         out.append(
-            f"Cells where the full method is behind the off-the-shelf denoiser with sign-test p < {NOISE_P:g}:"
+            f"Cells where the full method is {side} the off-the-shelf denoiser with sign-test p < {NOISE_P:g}:"
             + (
                 " "
                 + "; ".join(
                     f"σ = {c['sigma']:g}, r = {c['radius']:g} ({c['only_a']} vs {c['only_b']})"
-                    for c in behind
+                    for c in beyond_noise
                 )
-                if behind
+                if beyond_noise
                 else f" none of {len(against_denoiser)} (σ, r) cells"
             )
             + "."

@@ -153,13 +153,18 @@ def test_findings_follow_the_paired_counts_and_class_tables(quality):
         "Cells where the full method is behind the off-the-shelf denoiser with sign-test p < 0.05:"
         " σ = 0.5, r = 0 (0 vs 10); σ = 0.5, r = 0.5 (0 vs 10)."
     )
+    # Ahead beyond noise: σ = 1 wherever the full method's radius 1 counts (9 vs 0, p = 0.0039).
     assert lines[3] == (
+        "Cells where the full method is ahead of the off-the-shelf denoiser with sign-test p < 0.05:"
+        " σ = 1, r = 0 (9 vs 0); σ = 1, r = 0.5 (9 vs 0); σ = 1, r = 1 (9 vs 0)."
+    )
+    assert lines[4] == (
         "σ = 1, off-the-shelf denoiser: its most frequent prediction is 8, for 10 of the 10 test digits"
         " (1 of the 10 are 8s); 1 of its 1 correct certificates at r ≥ 1.5 are 8s."
     )
-    assert lines[4].startswith("σ = 1, full method: its most frequent prediction is 0, for 1 of the 10")
-    assert lines[4].endswith("0 of its 0 correct certificates at r ≥ 1.5 are 0s.")
-    assert len(lines) == 5
+    assert lines[5].startswith("σ = 1, full method: its most frequent prediction is 0, for 1 of the 10")
+    assert lines[5].endswith("0 of its 0 correct certificates at r ≥ 1.5 are 0s.")
+    assert len(lines) == 6
     assert _findings(quality, {}, config) == []
 
 
