@@ -9,7 +9,10 @@ denoiser, self-personalized denoiser, full method, full-data reference — with 
 500 personalization steps). It runs for days on 2 CPU cores, so it is resumable at every level:
 
 - fitted models are cached in ``--work-dir`` (default ``runs/quality-work``) with a fingerprint of
-  what they depend on;
+  what they depend on, and each fitted model (under 1 MB) is also kept beside the certificates
+  (``--out-dir``/fits, committed with them): a run whose work directory is gone starts from that
+  copy instead of fitting again, because a refit on another CPU need not be bit-identical (measured:
+  it was not, on 2026-12-03) and would have to start its cells again;
 - each cell records the sha256 of the fitted weights that made its certificates, and refuses to
   continue with others (a fit redone after the work directory was lost need not be bit-identical);
   a cell from before that was recorded is checked by certifying its first chunk again;
@@ -43,6 +46,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,7 +58,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from nodata_defense._io import atomic_write_json, atomic_write_text
+from nodata_defense._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from nodata_defense.demo import (
     FIT_OF_ROW,
     ROW_TITLES,
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for sigma in config.sigmas:
             if all(len(cells[(row, sigma)]) >= config.n_test for row in config.rows):
                 continue
+            restore_fits(config, context, sigma)
             bases[sigma] = context.bases(sigma, config.rows)
             problem = check_fitted(
                 config, context, sigma, bases[sigma], cells, state, test, order, args.restart
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 print(f"quality.py: error: {problem}", file=sys.stderr)
                 return 2
+            keep_fits(config, context, sigma)
     todo = sum(max(0, config.n_test - len(records)) for records in cells.values())
     stopped_early = False
     measured: set[tuple[str, float]] = set()  # cells this process has certified chunks of
@@ -265,6 +271,54 @@ def main(argv: list[str] | None = None) -> int:
 
     report(config, context, cells, state, args, stopped_early, time.perf_counter() - started)
     return 0
+
+
+def _fit_kinds(config: DemoConfig) -> list[str]:
+    return sorted({FIT_OF_ROW[row] for row in config.rows if row in FIT_OF_ROW})
+
+
+def kept_fit_dir(config: DemoConfig, sigma: float, kind: str) -> Path:
+    """Where the fitted model at ``sigma`` on ``kind`` references is kept beside the certificates:
+    its ``model/`` directory and its ``fit.json`` fingerprint, as in the work directory."""
+    return Path(config.out_dir) / "fits" / f"sigma-{sigma:g}" / kind
+
+
+def _replace_tree(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` so that ``target`` is always the old or the whole new tree."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp")
+    retired = target.with_name(f".{target.name}.old")
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if target.exists():
+        target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def restore_fits(config: DemoConfig, context: DemoContext, sigma: float) -> None:
+    """Put the kept fits at ``sigma`` into the work directory where it has no fitted model, so the
+    demo's cache loads them (it still compares their fingerprint with the current settings, and
+    fits again if they differ)."""
+    for kind in _fit_kinds(config):
+        kept = kept_fit_dir(config, sigma, kind)
+        work = context.fitted_dir(sigma, kind)
+        if (kept / "model" / "config.json").is_file() and not (work / "config.json").is_file():
+            _replace_tree(kept / "model", work)
+            atomic_write_bytes(work.parent / "fit.json", (kept / "fit.json").read_bytes())
+
+
+def keep_fits(config: DemoConfig, context: DemoContext, sigma: float) -> None:
+    """Keep a copy of each fit at ``sigma`` beside the certificates, replacing a kept copy with other
+    weights (``check_fitted`` has made sure the cells go on with the work directory's fit)."""
+    for kind in _fit_kinds(config):
+        kept = kept_fit_dir(config, sigma, kind)
+        work = context.fitted_dir(sigma, kind)
+        if (kept / "model").is_dir() and fitted_digest(kept / "model") == fitted_digest(work):
+            continue
+        _replace_tree(work, kept / "model")
+        atomic_write_bytes(kept / "fit.json", (work.parent / "fit.json").read_bytes())
 
 
 def fitted_digest(model_dir: Path) -> str:

@@ -302,6 +302,33 @@ def test_a_cell_continues_only_with_the_fit_that_made_its_certificates(
     assert tsv.read_text() != original and len(read_tsv(tsv)) == 3
 
 
+def test_a_run_whose_work_directory_is_gone_continues_with_the_kept_fits(quality, tmp_path, monkeypatch):
+    import shutil
+
+    from nodata_defense.robustifier import Robustifier
+
+    options = ("--sigmas", "0.5", "--rows", "personalized", "full_method", "full_data")
+    assert _run(quality, tmp_path, *options, "--n-test", "1") == 0
+    for kind, row in (("synthetic", "personalized"), ("full_data", "full_data")):
+        kept = tmp_path / "results" / "fits" / "sigma-0.5" / kind
+        work = tmp_path / "work" / "sigma-0.5" / kind
+        assert quality.fitted_digest(kept / "model") == _cell(tmp_path, row, "0.5")[1]["fitted_sha256"]
+        assert (kept / "fit.json").read_bytes() == (work / "fit.json").read_bytes()
+    recorded = {row: _cell(tmp_path, row, "0.5")[1]["fitted_sha256"] for row in options[3:]}
+
+    shutil.rmtree(tmp_path / "work")
+
+    def fit_again(*args, **kwargs):
+        raise AssertionError("fitted again although a kept fit matches the settings")
+
+    monkeypatch.setattr(Robustifier, "fit", fit_again)
+    assert _run(quality, tmp_path, *options, "--n-test", "2") == 0
+    for row, digest in recorded.items():
+        lines, state = _cell(tmp_path, row, "0.5")
+        assert len(lines) == 1 + 2 and state["images"] == 2 and state["fitted_sha256"] == digest
+    assert not list((tmp_path / "results" / "fits").rglob(".*.tmp"))
+
+
 def test_fitted_digest_follows_the_tensors_not_the_file_bytes(quality, tmp_path):
     import torch
     from safetensors.torch import save_file
