@@ -679,7 +679,7 @@ def _settings_arguments() -> list[str]:
     """This run's command-line arguments without those that only pace or quiet it, so the command
     quoted in the report is the one that reproduces (and continues) the results."""
     argv = sys.argv[1:] if sys.argv[0].endswith("quality.py") else []
-    return reproducing_arguments(argv, valued=("--max-minutes",), flags=("--quiet", "--restart"))
+    return reproducing_arguments(argv, valued=("--max-minutes", "--threads"), flags=("--quiet", "--restart"))
 
 
 def report(
@@ -797,7 +797,9 @@ def report(
         "```",
         "",
         f"Results: `{_shown(args.json)}`, curves `{_shown(args.png)}`, per-image"
-        f" certificates `{_shown(Path(config.out_dir))}/certificates-<row>-sigma<σ>.tsv`.",
+        f" certificates `{_shown(Path(config.out_dir))}/certificates-<row>-sigma<σ>.tsv`, the fitted models"
+        f" they were made with `{_shown(Path(config.out_dir))}/fits/` (a re-run starts from these, not from"
+        " a new fit).",
         "",
     ]
     atomic_write_text(args.markdown, "\n".join(lines).replace("\n\n\n", "\n\n"))
