@@ -555,7 +555,8 @@ def findings(
     the data as the run grows, all at the largest σ unless said: the full method against the
     off-the-shelf denoiser, what each of its two steps adds, how much of the full-data reference's
     lead it gets and where it stands against that reference; every (σ, r) where it is behind the
-    denoiser beyond noise, and every one where it is ahead; and how concentrated each denoising row's predictions are.
+    denoiser beyond noise, and every one where it is ahead; and how concentrated each denoising
+    row's predictions are.
     ``comparisons`` and ``classes`` are :func:`paired_comparison` and :func:`class_breakdown` of
     ``cells``, which the report also writes out."""
     if not comparisons:
@@ -604,9 +605,7 @@ def findings(
         if key in by_key
     ]
     against_denoiser = [c for c in comparisons if (c["a"], c["b"]) == ("full_method", "denoiser")]
-    for side in ("behind", "ahead of"):
-        if not against_denoiser:
-            break
+    for side in ("behind", "ahead of") if against_denoiser else ():
         beyond_noise = [
             c
             for c in against_denoiser
