@@ -76,7 +76,8 @@ FIT_OF_ROW = {"personalized": "synthetic", "full_method": "synthetic", "full_dat
 # The test order is fixed whatever the demo's seed, so runs with other seeds certify the same images.
 TEST_ORDER_SEED = 0
 TSV_COLUMNS = ("row", "sigma", "index", "label", "prediction", "radius", "correct", "pa_lower", "count")
-_FINGERPRINT_FORMAT = 1
+# 2: the denoiser by its sha256 alone (1 also had its absolute path, so a checkout elsewhere refitted).
+_FINGERPRINT_FORMAT = 2
 # Noisy samples per smoothing call: sets the size of the chunks of images certified together.
 _SAMPLES_PER_CHUNK = 20_000
 
@@ -477,7 +478,7 @@ class DemoContext:
             "references": kind,
             "fit_config": config.model_dump(mode="json", exclude={"work_dir", "show_progress"}),
             "references_source": {"id": source.id, "revision": source.revision},
-            "denoiser": {"path": str(self.denoiser_path), "sha256": self.denoiser_digest},
+            "denoiser_sha256": self.denoiser_digest,
             "classifier_sha256": self.classifier_digest,
         }
 

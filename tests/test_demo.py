@@ -200,3 +200,29 @@ def test_demo_denoises_once_for_the_personalized_and_full_method_rows(tmp_path, 
     assert tsv[0] == tsv[1] and len(tsv[0].splitlines()) == 1 + 2 * 5
     # 3 chunks (2 + 2 + 1 images), each ceil(k·10 / 8) + ceil(k·20 / 8) batches: 3 + 5, 3 + 5, 2 + 3.
     assert shared == 21 and len(calls) == 2 * shared
+
+
+def test_fit_fingerprint_names_the_denoiser_by_its_weights_not_its_location(tmp_path):
+    import shutil
+
+    from nodata_defense.demo import DemoContext
+    from nodata_defense.zoo import digit_denoiser_path
+
+    copies = [tmp_path / name / "digits-denoiser" for name in ("here", "elsewhere")]
+    for copy in copies:
+        shutil.copytree(digit_denoiser_path(), copy)
+    fingerprints = [
+        DemoContext.create(
+            DemoConfig(out_dir=str(tmp_path), denoiser=str(c), show_progress=False)
+        ).fingerprint(0.5, "synthetic")
+        for c in copies
+    ]
+    assert fingerprints[0] == fingerprints[1]
+    assert str(tmp_path) not in json.dumps(fingerprints[0])
+    # Another model (here, one setting of its UNet changed) is another fit.
+    weights = copies[1] / "unet" / "config.json"
+    weights.write_text(weights.read_text().replace('"norm_eps": 1e-05', '"norm_eps": 1e-06'))
+    changed = DemoContext.create(
+        DemoConfig(out_dir=str(tmp_path), denoiser=str(copies[1]), show_progress=False)
+    )
+    assert changed.fingerprint(0.5, "synthetic")["denoiser_sha256"] != fingerprints[0]["denoiser_sha256"]
