@@ -95,7 +95,7 @@ class DemoConfig(BaseModel):
     sigmas: tuple[float, ...] = Field((0.25, 0.5, 1.0), min_length=1)
     rows: tuple[Row, ...] = Field(ROWS, min_length=1)
     n_test: int = Field(
-        100, ge=1, le=1500, description="Test images: the first n_test of a stratified order of T."
+        50, ge=1, le=1500, description="Test images: the first n_test of a stratified order of T."
     )
     n0: int = Field(40, ge=1, description="Selection samples of CERTIFY.")
     n: int = Field(
@@ -131,7 +131,7 @@ class DemoConfig(BaseModel):
         description="Chosen on dev digits (benchmarks/adaptation_dev.py); 1e-4 hurt at sigma <= 0.5.",
     )
     full_data_per_class: int | None = Field(
-        100, ge=1, le=200, description="Real references per class for the full_data row; None: all of C."
+        50, ge=1, le=200, description="Real references per class for the full_data row; None: all of C."
     )
     seed: int = 0
     out_dir: str = "demo-results"
