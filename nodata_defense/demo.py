@@ -83,7 +83,7 @@ _SAMPLES_PER_CHUNK = 20_000
 
 
 class DemoConfig(BaseModel):
-    """Settings of :func:`run_demo`; the defaults finish in about 9 minutes on 2 CPU cores (docs/demo.md).
+    """Settings of :func:`run_demo`; the defaults finish in about 7 minutes on 2 CPU cores (docs/demo.md).
 
     ``work_dir`` (default ``<out_dir>/work``) keeps the synthetic references and the fitted models,
     so a re-run with the same fit settings only certifies. ``generator`` / ``denoiser`` default to
@@ -917,7 +917,7 @@ def argument_parser() -> argparse.ArgumentParser:
         prog="nodata-defense demo",
         description="The offline digits demo: robustify the bundled digit classifier from its class names only"
         " and certify real test digits, against Gaussian smoothing, an off-the-shelf denoiser and a full-data"
-        " reference. Defaults take about 9 minutes on 2 CPU cores (measured: docs/demo.md).",
+        " reference. Defaults take about 7 minutes on 2 CPU cores (measured: docs/demo.md).",
     )
     a = parser.add_argument
     a("--sigmas", type=float, nargs="+", default=list(d.sigmas), help="noise levels (default: %(default)s)")
