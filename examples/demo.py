@@ -1,7 +1,7 @@
 """The offline digits demo, end to end: robustify the bundled digit classifier from its class names
 only, then certify real test digits against honest baselines (see docs/demo.md).
 
-    python examples/demo.py                 # defaults: about 7 minutes on 2 CPU cores (docs/demo.md)
+    python examples/demo.py                 # defaults: within 10 minutes on 2 CPU cores (measured: docs/demo.md)
     python examples/demo.py --help          # scale it up: --n-test, --n, --n0, --sigmas, --steps, ...
 
 Same as the command ``nodata-defense demo``.
