@@ -33,9 +33,12 @@ process with two threads, because a batch of 250 small digits does not keep two 
 
     python benchmarks/quality.py --sigmas 0.25 --threads 1 &
     python benchmarks/quality.py --sigmas 0.5 --threads 1 &
-    wait; python benchmarks/quality.py --max-minutes 0     # the report over every σ
+    wait; python benchmarks/quality.py --max-minutes 0     # the report, once every σ has ended
 
-Every stop writes ``benchmarks/results/quality.json`` (certified accuracy per row × σ × radius,
+Every stop writes a report over every σ with certificates in ``--out-dir`` made with the same
+settings (``--sigmas`` bounds the work, not the report; each parallel process reads the others'
+cells as they are when it ends, so the last command above makes sure the report has every
+certificate): ``benchmarks/results/quality.json`` (certified accuracy per row × σ × radius,
 images per cell, measured seconds per image, estimated time to finish, settings, versions),
 ``benchmarks/results/quality.png`` and ``docs/quality.md`` (the table and the command).
 """
@@ -269,8 +272,59 @@ def main(argv: list[str] | None = None) -> int:
             if stopped_early:
                 break
 
-    report(config, context, cells, state, args, stopped_early, time.perf_counter() - started)
+    shown, cells, state = report_cells(config, context, cells, state)
+    report(shown, context, cells, state, args, stopped_early, time.perf_counter() - started)
     return 0
+
+
+def _sigmas_on_disk(directory: Path) -> set[float]:
+    return {
+        float(json.loads(path.read_text(encoding="utf-8"))["settings"]["sigma"])
+        for path in directory.glob("certificates-*-sigma*.json")
+    }
+
+
+def report_cells(
+    config: DemoConfig,
+    context: DemoContext,
+    cells: dict[tuple[str, float], list[CertificateRecord]],
+    state: dict[str, dict[str, Any]],
+) -> tuple[DemoConfig, dict[tuple[str, float], list[CertificateRecord]], dict[str, dict[str, Any]]]:
+    """What the report covers: this run's cells, and every other σ whose cells in ``--out-dir`` were
+    made with the same settings (``--sigmas`` bounds the work, not the report).
+
+    The other σ values' cells are read now, at the end, because a process running them in parallel
+    may have added to them since this one started. Returns the configuration to report with (its
+    ``sigmas`` extended), the cells and their state; a σ with other settings is left out, with a note.
+    """
+    out = Path(config.out_dir)
+    cells, state = dict(cells), dict(state)
+    sigmas = list(config.sigmas)
+    for sigma in sorted(_sigmas_on_disk(out) - set(config.sigmas)):
+        found: dict[str, tuple[dict[str, Any], list[CertificateRecord]]] = {}
+        for row in config.rows:
+            state_path = _cell_state_file(out, row, sigma)
+            saved = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else None
+            if saved is None or saved["settings"] != _settings(config, context, row, sigma):
+                break
+            path = _cell_file(out, row, sigma)
+            found[row] = saved, (read_tsv(path) if path.is_file() else [])[: config.n_test]
+        if len(found) < len(config.rows):
+            print(
+                f"quality.py: note: the certificates at sigma={sigma:g} in {_shown(out)} were not made"
+                " with these settings and rows; the report leaves them out.",
+                file=sys.stderr,
+            )
+            continue
+        for row, (saved, records) in found.items():
+            cells[(row, sigma)] = records
+            state[f"{row}@{sigma:g}"] = saved
+        sigmas.append(sigma)
+    # In σ order, so the report does not depend on which process wrote it.
+    sigmas.sort()
+    cells = {(row, sigma): cells[(row, sigma)] for sigma in sigmas for row in config.rows}
+    state = {f"{row}@{sigma:g}": state[f"{row}@{sigma:g}"] for sigma in sigmas for row in config.rows}
+    return config.model_copy(update={"sigmas": tuple(sigmas)}), cells, state
 
 
 def _fit_kinds(config: DemoConfig) -> list[str]:

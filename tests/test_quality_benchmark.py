@@ -79,11 +79,15 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     assert summary["complete"] is True and {c["images"] for c in summary["paired_comparisons"]} == {2}
     assert all(_cell(tmp_path, row, "0.5")[0] == first[row] for row in ROWS)
 
-    # Another σ, as a separate process would run it, leaves the σ = 0.5 cells untouched.
+    # Another σ, as a separate process would run it, leaves the σ = 0.5 cells untouched, and its
+    # report covers both σ values (with the σ = 0.5 cells as they are on disk, 3 images each).
     assert _run(quality, tmp_path, "--sigmas", "0.25", "--n-test", "3") == 0
     for row in ROWS:
         assert _cell(tmp_path, row, "0.5")[0] == first[row]
         assert len(_cell(tmp_path, row, "0.25")[0]) == 1 + 3
+    summary = json.loads((tmp_path / "quality.json").read_text())
+    assert set(summary["cells"]) == {f"{row}@{s}" for s in ("0.25", "0.5") for row in ROWS}
+    assert all(cell["images"] == 3 for cell in summary["cells"].values())
 
     # A run that certifies nothing reports every σ, and rewrites only README's quality section.
     capsys.readouterr()
@@ -113,6 +117,11 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "1", "--n", "30", "--restart") == 0
     lines, state = _cell(tmp_path, "gaussian", "0.5")
     assert len(lines) == 1 + 1 and state["settings"]["n"] == 30 and state["images"] == 1
+    # The σ = 0.25 cells were made with N = 20: left out of this N = 30 report, and said so.
+    err = capsys.readouterr().err
+    assert "certificates at sigma=0.25" in err and "the report leaves them out" in err
+    summary = json.loads((tmp_path / "quality.json").read_text())
+    assert set(summary["cells"]) == {f"{row}@0.5" for row in ROWS}
 
 
 def _findings(quality, cells, config):
