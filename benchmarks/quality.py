@@ -125,6 +125,23 @@ def _cell_state_file(directory: Path, row: str, sigma: float) -> Path:
     return directory / f"certificates-{row}-sigma{sigma:g}.json"
 
 
+def _saved_state(directory: Path, row: str, sigma: float) -> dict[str, Any] | None:
+    """A cell's settings and timing, or None for a cell not yet started."""
+    path = _cell_state_file(directory, row, sigma)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _saved_records(directory: Path, row: str, sigma: float) -> list[CertificateRecord]:
+    """A cell's certificates so far; they must be the first images of the test order."""
+    path = _cell_file(directory, row, sigma)
+    records = read_tsv(path) if path.is_file() else []
+    if [r.index for r in records] != stratified_order()[: len(records)].tolist():
+        raise RuntimeError(
+            f"{path} does not hold a prefix of the test order; remove it to start that cell again."
+        )
+    return records
+
+
 def _settings(config: DemoConfig, context: DemoContext, row: str, sigma: float) -> dict[str, Any]:
     """What a cell's certificates depend on; certificates are appended only under the same settings."""
     fit = FIT_OF_ROW.get(row)
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = _settings(config, context, row, sigma)
             path = _cell_file(out, row, sigma)
             state_path = _cell_state_file(out, row, sigma)
-            saved = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else None
+            saved = _saved_state(out, row, sigma)
             if saved is not None and saved["settings"] != settings:
                 if not args.restart:
                     print(
@@ -195,13 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 saved = {"settings": settings, "seconds": 0.0, "images": 0}
                 atomic_write_json(state_path, saved)
             state[key] = saved
-            records = read_tsv(path) if path.is_file() else []
-            if [r.index for r in records] != stratified_order()[: len(records)].tolist():
-                raise RuntimeError(
-                    f"{path} does not hold a prefix of the test order; remove it to start that cell again."
-                )
             # A smaller --n-test reads the first certificates only; the file keeps the rest.
-            cells[(row, sigma)] = records[: config.n_test]
+            cells[(row, sigma)] = _saved_records(out, row, sigma)[: config.n_test]
 
     # Fits (or loads) once per σ that has certificates to add, and checks that each fitted cell goes
     # on with the fit that made it — before any chunk, since a cell emptied on --restart starts at 0.
@@ -303,12 +315,10 @@ def report_cells(
     for sigma in sorted(_sigmas_on_disk(out) - set(config.sigmas)):
         found: dict[str, tuple[dict[str, Any], list[CertificateRecord]]] = {}
         for row in config.rows:
-            state_path = _cell_state_file(out, row, sigma)
-            saved = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else None
+            saved = _saved_state(out, row, sigma)
             if saved is None or saved["settings"] != _settings(config, context, row, sigma):
                 break
-            path = _cell_file(out, row, sigma)
-            found[row] = saved, (read_tsv(path) if path.is_file() else [])[: config.n_test]
+            found[row] = saved, _saved_records(out, row, sigma)[: config.n_test]
         if len(found) < len(config.rows):
             print(
                 f"quality.py: note: the certificates at sigma={sigma:g} in {_shown(out)} were not made"

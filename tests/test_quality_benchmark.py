@@ -110,6 +110,20 @@ def test_cells_resume_refuse_other_settings_and_meet_across_sigma_runs(quality, 
     assert "old" not in readme and readme.endswith("\n\nkept\n") and "complete: 3 test images" in readme
     assert "| 0.25 |" in (tmp_path / "quality.md").read_text()
 
+    # Certificates that are not the first images of the test order are refused, whether the run
+    # certifies that σ or only reports it; the file is named and left as it is.
+    tsv = tmp_path / "results" / "certificates-gaussian-sigma0.25.tsv"
+    good = tsv.read_text()
+    header, first_line, *rest = good.splitlines(keepends=True)
+    tsv.write_text(header + "".join(rest) + first_line)
+    for sigma in ("0.25", "0.5"):
+        with pytest.raises(
+            RuntimeError, match=r"certificates-gaussian-sigma0\.25\.tsv does not hold a prefix"
+        ):
+            _run(quality, tmp_path, "--sigmas", sigma, "--n-test", "3", "--max-minutes", "0")
+    assert tsv.read_text() != good
+    tsv.write_text(good)
+
     # Other settings for an existing cell: refused with the file named, or discarded on --restart.
     assert _run(quality, tmp_path, "--sigmas", "0.5", "--n-test", "3", "--n", "30") == 2
     assert "was made with other settings" in capsys.readouterr().err
